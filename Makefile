@@ -1,0 +1,59 @@
+# Thin front end over DVC: the pipeline itself lives in dvc.yaml, hyper-parameters in params.yaml.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV ?= .venv
+PYTHON ?= python3
+GPUS ?= 1
+PORT ?= 10097
+PRESET ?= presets/internvl2-1b-ui.yaml
+export GPUS
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv data pretrained train merge eval repro test tensorboard exp real
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## create .venv with the pinned dependencies (requirements.lock)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.lock
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+data: $(STAMP) ## stage data: build or download the dataset
+	dvc repro data
+
+pretrained: $(STAMP) ## stage pretrained: build or download the base model, convert to native
+	dvc repro pretrained
+
+train: $(STAMP) ## stage train: LoRA fine-tuning on GPUS processes (make train GPUS=2)
+	dvc repro train
+
+merge: $(STAMP) ## stage merge: merge the adapter into the base model
+	dvc repro merge
+
+eval: $(STAMP) ## stage eval: metrics of the base and fine-tuned models
+	dvc repro eval
+
+repro: $(STAMP) ## run the whole pipeline (only what changed), then show the metrics
+	dvc repro
+	dvc metrics show
+
+test: $(STAMP) ## run the test suite (CPU; GPU tests are opt-in: pytest -m gpu)
+	pytest -q
+
+tensorboard: $(STAMP) ## serve the training logs on localhost (PORT=10097)
+	tensorboard --logdir work_dirs/tensorboard --host 127.0.0.1 --port $(PORT)
+
+exp: $(STAMP) ## run a variant: make exp SET='train.learning_rate=1e-3'
+	dvc exp run $(foreach s,$(SET),-S $(s))
+	dvc exp show --no-pager
+
+real: $(STAMP) ## run the seed recipe (InternVL2-1B + ui-dataset) as a DVC experiment
+	eval dvc exp run -n internvl2-1b-ui $$(python -m internvl_sft.preset $(PRESET))

@@ -1,0 +1,200 @@
+"""Typed view of params.yaml: one frozen dataclass per section, unknown keys are errors.
+
+Every hyper-parameter of the pipeline lives in params.yaml; stages receive the file path and read
+only their own section. Paths are not parameters: dvc.yaml passes them on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that does not match the expected schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticData:
+    seed: int = 0
+    train_screens: int = 160
+    val_screens: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the dataset comes from. `synthetic` needs no network."""
+
+    source: Literal["synthetic", "url", "local"] = "synthetic"
+    url: str = ""
+    sha256: str = ""
+    local_path: str = ""
+    synthetic: SyntheticData = SyntheticData()
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModel:
+    seed: int = 0
+    vocab_size: int = 1200
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 128
+    image_size: int = 112
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_mlp: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedConfig:
+    """Which base checkpoint (upstream layout) the pipeline starts from."""
+
+    source: Literal["tiny", "hub", "local"] = "tiny"
+    repo_id: str = "OpenGVLab/InternVL2-1B"
+    revision: str = "main"
+    local_path: str = ""
+    tiny: TinyModel = TinyModel()
+
+
+@dataclasses.dataclass(frozen=True)
+class InputsConfig:
+    """How a sample becomes tensors; shared by training and evaluation."""
+
+    template: str = "Hermes-2"
+    dynamic_image_size: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    use_thumbnail: bool = True
+    max_seq_length: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    r: int = 0
+    alpha: int = 0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    num_train_epochs: float = 20
+    global_batch_size: int = 16
+    per_device_batch_size: int = 4
+    learning_rate: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    early_stopping_patience: int = 3
+    save_total_limit: int = 1
+    grad_checkpoint: bool = True
+    group_by_length: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    deepspeed: Literal["none", "zero1", "zero2", "zero3"] = "none"
+    dataloader_num_workers: int = 0
+    freeze_llm: bool = True
+    freeze_mlp: bool = True
+    freeze_backbone: bool = True
+    llm_lora: LoraConfig = LoraConfig()
+    backbone_lora: LoraConfig = LoraConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    max_samples: int = 0
+    eval_base: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    data: DataConfig = DataConfig()
+    pretrained: PretrainedConfig = PretrainedConfig()
+    inputs: InputsConfig = InputsConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def load_params(path: str | Path) -> Params:
+    """Read params.yaml into `Params`; every key must be known and well-typed."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    return build(Params, raw, where=str(path))
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking key names and value types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    values = {key: coerce(hints[key], value, f"{where}: {key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against a type hint, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return coerce(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is type(None) and value is None:
+        return None
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def to_dict(params: Any) -> Any:
+    """Plain JSON/YAML-friendly form (tuples as lists) for writing beside outputs."""
+    if dataclasses.is_dataclass(params):
+        return {f.name: to_dict(getattr(params, f.name)) for f in dataclasses.fields(params)}
+    if isinstance(params, (list, tuple)):
+        return [to_dict(v) for v in params]
+    return params

@@ -1,0 +1,65 @@
+"""Stage `pretrained`: obtain a base checkpoint in the upstream InternVL layout and convert it to native.
+
+`tiny` builds the embedded-default model offline; `hub` downloads a pinned revision with huggingface_hub;
+`local` uses an upstream-layout folder on disk. The upstream copy is kept (merged models can be exported
+back to that layout); the native copy is what training loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from internvl_sft.config import PretrainedConfig, load_params
+from internvl_sft.data.synthetic import LEXICON
+from internvl_sft.model.convert import upstream_to_native
+from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+from internvl_sft.paths import atomic_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--upstream", required=True, help="upstream-layout checkpoint folder")
+    parser.add_argument("--native", required=True, help="converted native transformers folder")
+    return parser.parse_args(argv)
+
+
+def tiny_sizes(cfg: PretrainedConfig) -> TinySizes:
+    t = cfg.tiny
+    return TinySizes(
+        vocab_size=t.vocab_size, vision_hidden=t.vision_hidden, vision_layers=t.vision_layers,
+        vision_heads=t.vision_heads, vision_mlp=t.vision_mlp, image_size=t.image_size,
+        llm_hidden=t.llm_hidden, llm_layers=t.llm_layers, llm_heads=t.llm_heads,
+        llm_kv_heads=t.llm_kv_heads, llm_mlp=t.llm_mlp,
+    )
+
+
+def download_from_hub(cfg: PretrainedConfig, folder: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id=cfg.repo_id, revision=cfg.revision, local_dir=folder,
+                      allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken"])
+
+
+def fill_upstream(folder: Path, cfg: PretrainedConfig) -> None:
+    if cfg.source == "tiny":
+        build_tiny_checkpoint(folder, corpus=LEXICON, seed=cfg.tiny.seed, sizes=tiny_sizes(cfg))
+    elif cfg.source == "hub":
+        download_from_hub(cfg, folder)
+    else:
+        shutil.copytree(Path(cfg.local_path), folder, dirs_exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = load_params(args.params).pretrained
+    with atomic_dir(Path(args.upstream)) as tmp:
+        fill_upstream(tmp, cfg)
+    upstream_to_native(Path(args.upstream), Path(args.native))
+    print(f"native model written to {args.native}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Stage `train`: LoRA fine-tuning with the HF Trainer (optionally DeepSpeed ZeRO), launched by shell/train.sh.
+
+Writes the best adapter plus the resolved parameters to --adapter-dir; checkpoints (for resuming), TensorBoard
+logs and CSV loss curves go to their own directories so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
+
+from internvl_sft.config import Params, load_params, to_dict
+from internvl_sft.data.dataset import build_dataset, collate
+from internvl_sft.model.load import (
+    load_model,
+    load_tokenizer,
+    prepare_for_training,
+    read_sidecar,
+    resolve_dtype,
+    trainable_summary,
+)
+from internvl_sft.paths import atomic_dir
+
+DEEPSPEED_CONFIGS = {
+    "zero1": "shell/zero_stage1_config.json",
+    "zero2": "shell/zero_stage2_config.json",
+    "zero3": "shell/zero_stage3_config.json",
+}
+RESOLVED_PARAMS = "train_params.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--train-meta", required=True, help="InternVL meta JSON of the training datasets")
+    parser.add_argument("--val-meta", required=True, help="InternVL meta JSON of the validation datasets")
+    parser.add_argument("--model", required=True, help="native base model directory (pretrained stage)")
+    parser.add_argument("--adapter-dir", required=True, help="where the best adapter is written")
+    parser.add_argument("--checkpoint-dir", required=True, help="Trainer checkpoints, kept for resuming")
+    parser.add_argument("--log-dir", required=True, help="TensorBoard event files")
+    parser.add_argument("--curves-dir", required=True, help="CSV loss / learning-rate curves (DVC plots)")
+    return parser.parse_args(argv)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(global_batch: int, per_device: int, processes: int) -> int:
+    """Keep the global batch fixed whatever the GPU count, as the upstream launcher does."""
+    per_step = per_device * processes
+    if global_batch % per_step:
+        raise ValueError(
+            f"params: train: global_batch_size {global_batch} is not a multiple of "
+            f"per_device_batch_size {per_device} x {processes} process(es)"
+        )
+    return global_batch // per_step
+
+
+def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dtype) -> TrainingArguments:
+    cfg = params.train
+    deepspeed = None if cfg.deepspeed == "none" else DEEPSPEED_CONFIGS[cfg.deepspeed]
+    return TrainingArguments(
+        output_dir=args.checkpoint_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(
+            cfg.global_batch_size, cfg.per_device_batch_size, world_size()
+        ),
+        num_train_epochs=cfg.num_train_epochs,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        deepspeed=deepspeed,
+        report_to=["tensorboard"],
+        save_safetensors=True,
+        disable_tqdm=False,
+    )
+
+
+class InternVLTrainer(Trainer):
+    """Trainer whose length grouping reads precomputed sample lengths instead of loading every sample."""
+
+    def __init__(self, *args, group_by_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(batch, lengths=dataset.lengths)
+
+
+class CurvesCallback(TrainerCallback):
+    """Rewrites train/eval CSV curves from the log history at every log, so they survive interruptions."""
+
+    def __init__(self, curves_dir: Path):
+        self.curves_dir = curves_dir
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_curves(state.log_history, self.curves_dir)
+
+
+def write_curves(history: list[dict], curves_dir: Path) -> None:
+    curves_dir.mkdir(parents=True, exist_ok=True)
+    train = [(h["step"], h["epoch"], h["loss"], h.get("learning_rate", "")) for h in history if "loss" in h]
+    evals = [(h["step"], h["epoch"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    write_csv(curves_dir / "train.csv", ("step", "epoch", "loss", "learning_rate"), train)
+    write_csv(curves_dir / "eval.csv", ("step", "epoch", "eval_loss"), evals)
+
+
+def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace) -> None:
+    """Write the (best) adapter and the resolved parameters atomically, rank 0 only."""
+    if not trainer.is_world_process_zero():
+        return
+    with atomic_dir(Path(args.adapter_dir)) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        resolved = {"base_model": str(args.model), "params": to_dict(params), "world_size": world_size()}
+        (tmp / RESOLVED_PARAMS).write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    set_seed(params.train.seed)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = args.log_dir
+    dtype = resolve_dtype(params.train.precision)
+    tokenizer = load_tokenizer(args.model)
+    sidecar = read_sidecar(args.model)
+    train_set = build_dataset(args.train_meta, tokenizer, sidecar, params.inputs, seed=params.train.seed)
+    val_set = build_dataset(args.val_meta, tokenizer, sidecar, params.inputs, seed=params.train.seed)
+    training_args = training_arguments(params, args, dtype)
+    model = prepare_for_training(load_model(args.model, dtype), params.train)
+    print(trainable_summary(model), flush=True)
+    trainer = InternVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        callbacks=[
+            EarlyStoppingCallback(params.train.early_stopping_patience),
+            CurvesCallback(Path(args.curves_dir)),
+        ],
+        group_by_length=params.train.group_by_length,
+    )
+    last = get_last_checkpoint(args.checkpoint_dir) if Path(args.checkpoint_dir).is_dir() else None
+    if last:
+        print(f"resuming from {last}", flush=True)
+    trainer.train(resume_from_checkpoint=last)
+    save_adapter(trainer, params, args)
+
+
+if __name__ == "__main__":
+    main()
