@@ -64,10 +64,10 @@ def fetch_with_resume(url: str, partial: Path) -> None:
 def safe_member_path(member: zipfile.ZipInfo, archive: Path) -> PurePosixPath:
     """Refuse absolute paths, `..`, links and special files inside an archive."""
     name = PurePosixPath(member.filename)
-    mode = member.external_attr >> 16
+    kind = stat.S_IFMT(member.external_attr >> 16)
     if name.is_absolute() or ".." in name.parts or member.filename.startswith(("/", "\\")):
         raise FetchError(f"{archive}: member {member.filename!r} escapes the target directory")
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
         raise FetchError(f"{archive}: member {member.filename!r} is a link or special file")
     return name
 
