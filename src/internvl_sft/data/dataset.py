@@ -1,0 +1,241 @@
+"""Samples to training tensors: tokens and labels from the chat template, tiles from dynamic resolution.
+
+`collate` builds the keyword arguments of `InternVLForConditionalGeneration.forward`: right-padded
+`input_ids` / `labels` / `attention_mask` and, when the batch has images, all tiles concatenated in sample
+order, which is the order of the image tokens in the flattened batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from internvl_sft.config import InputsConfig
+from internvl_sft.data.meta import DataError, Sample, load_meta, read_samples
+from internvl_sft.data.template import (
+    IGNORE_INDEX,
+    IMG_END,
+    ChatTemplate,
+    Encoded,
+    encode_conversation,
+    get_template,
+    token_id,
+)
+from internvl_sft.data.tiling import (
+    dynamic_tiles,
+    jpeg_degrade,
+    load_image,
+    oriented_size,
+    tile_count,
+    to_pixel_values,
+)
+
+# JPEG qualities drawn from when a dataset sets data_augment, as upstream.
+JPEG_QUALITIES = (75, 100)
+
+
+@dataclasses.dataclass(frozen=True)
+class TilingSettings:
+    """How images become tiles; a dataset's own max_dynamic_patch overrides the one here."""
+
+    tile_size: int = 448
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    use_thumbnail: bool = True
+    dynamic_image_size: bool = True
+
+    def options(self, sample: Sample) -> dict:
+        """Keyword arguments of `dynamic_tiles` / `tile_count` for each image of `sample`.
+
+        As upstream, the images of a multi-image sample share the tile budget: each gets at most
+        max(1, max_dynamic_patch // number of images) tiles.
+        """
+        budget = sample.max_dynamic_patch or self.max_dynamic_patch
+        most = max(1, budget // max(1, len(sample.images)))
+        return {
+            "tile_size": self.tile_size,
+            "min_num": min(self.min_dynamic_patch, most),
+            "max_num": most,
+            "use_thumbnail": self.use_thumbnail,
+        }
+
+
+class SupervisedDataset(Dataset):
+    """Checked samples as dicts of input_ids, labels, pixel_values (or None) and num_tiles.
+
+    Every sample is measured when the dataset is built, from image headers and the tokenizer only, so a
+    sample that cannot fit max_seq_length fails before training starts, and `lengths` is exact.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer: PreTrainedTokenizerBase,
+        template: ChatTemplate,
+        tiling: TilingSettings,
+        *,
+        num_image_token: int,
+        max_seq_length: int,
+    ):
+        self.samples = list(samples)
+        self.tokenizer = tokenizer
+        self.template = template
+        self.tiling = tiling
+        self.num_image_token = num_image_token
+        self.max_seq_length = max_seq_length
+        self.image_end_id = token_id(tokenizer, IMG_END)
+        self._lengths = self.measure_lengths()
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of each sample after truncation, for length-grouped sampling."""
+        return self._lengths
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        tiles_per_image = [self.image_tiles(load_image(path), sample) for path in sample.images]
+        encoded = self.encode(sample, [len(tiles) for tiles in tiles_per_image])
+        tiles = [tile for tiles in tiles_per_image for tile in tiles]
+        if sample.data_augment:
+            tiles = [jpeg_degrade(tile, random_jpeg_quality()) for tile in tiles]
+        return {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "pixel_values": to_pixel_values(tiles, self.tiling.tile_size) if tiles else None,
+            "num_tiles": len(tiles),
+        }
+
+    def image_tiles(self, image: Image.Image, sample: Sample) -> list[Image.Image]:
+        """The tiles of one image; without dynamic resolution the whole image is one tile."""
+        if not self.tiling.dynamic_image_size:
+            return [image]
+        return dynamic_tiles(image, **self.tiling.options(sample))
+
+    def count_tiles(self, path: Path, sample: Sample) -> int:
+        """How many tiles `image_tiles` gives for an image, read from its header only."""
+        if not self.tiling.dynamic_image_size:
+            return 1
+        return tile_count(*oriented_size(path), **self.tiling.options(sample))
+
+    def encode(self, sample: Sample, tiles_per_image: list[int]) -> Encoded:
+        """Tokens and labels of a sample, cut to max_seq_length when that is safe."""
+        counts = [tiles * self.num_image_token for tiles in tiles_per_image]
+        try:
+            encoded = encode_conversation(self.tokenizer, self.template, sample.conversations, counts)
+        except ValueError as err:
+            raise DataError([f"{sample.where}: {err}"]) from err
+        return self.truncate(sample, encoded)
+
+    def truncate(self, sample: Sample, encoded: Encoded) -> Encoded:
+        """Drop the tail beyond max_seq_length, only if no image token and not every answer token is in it."""
+        limit = self.max_seq_length
+        if len(encoded.input_ids) <= limit:
+            return encoded
+        where = f"{sample.where}: {len(encoded.input_ids)} tokens exceed max_seq_length {limit}"
+        if self.image_end_id in encoded.input_ids[limit:]:
+            raise DataError([f"{where} and cutting there would split or drop an image"])
+        labels = encoded.labels[:limit]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError([f"{where} and cutting there would leave no answer token"])
+        return Encoded(encoded.input_ids[:limit], labels)
+
+    def measure_lengths(self) -> list[int]:
+        lengths: list[int] = []
+        problems: list[str] = []
+        for sample in self.samples:
+            try:
+                tiles = [self.count_tiles(path, sample) for path in sample.images]
+                lengths.append(len(self.encode(sample, tiles).input_ids))
+            except DataError as err:
+                problems.extend(err.problems)
+        if problems:
+            raise DataError(problems)
+        return lengths
+
+
+def random_jpeg_quality() -> int:
+    """Drawn from torch's generator, which the DataLoader seeds per worker."""
+    low, high = JPEG_QUALITIES
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; `pixel_values` (all tiles, sample order) only when some sample has images."""
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad token id, but the tokenizer defines no pad token")
+    longest = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, item in enumerate(batch):
+        size = len(item["input_ids"])
+        input_ids[row, :size] = item["input_ids"]
+        labels[row, :size] = item["labels"]
+        attention_mask[row, :size] = 1
+    collated = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    tiles = [item["pixel_values"] for item in batch if item.get("pixel_values") is not None]
+    if tiles:
+        collated["pixel_values"] = torch.cat(tiles)
+    return collated
+
+
+def image_geometry(sidecar: dict) -> tuple[int, int]:
+    """(tile size, image tokens per tile) from the model's settings sidecar."""
+    missing = [key for key in ("image_size", "num_image_token") if key not in sidecar]
+    if missing:
+        raise ValueError(f"model settings lack {', '.join(missing)}; got keys {sorted(sidecar)}")
+    return int(sidecar["image_size"]), int(sidecar["num_image_token"])
+
+
+def read_meta_samples(meta_path: str | Path, seed: int) -> list[Sample]:
+    """The samples of every dataset a meta file lists, in meta order; all data problems are reported together."""
+    samples: list[Sample] = []
+    problems: list[str] = []
+    for spec in load_meta(Path(meta_path)):
+        try:
+            samples.extend(read_samples(spec, seed))
+        except DataError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise DataError(problems)
+    if not samples:
+        raise DataError([f"{meta_path}:1: the datasets listed hold no samples"])
+    return samples
+
+
+def build_dataset(
+    meta_path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    sidecar: dict,
+    inputs: InputsConfig,
+    seed: int,
+    samples: Sequence[Sample] | None = None,
+) -> SupervisedDataset:
+    """The training view of a meta file's samples (or of `samples` already read from it, e.g. a subset)."""
+    if samples is None:
+        samples = read_meta_samples(meta_path, seed)
+    tile_size, num_image_token = image_geometry(sidecar)
+    tiling = TilingSettings(
+        tile_size=tile_size,
+        min_dynamic_patch=inputs.min_dynamic_patch,
+        max_dynamic_patch=inputs.max_dynamic_patch,
+        use_thumbnail=inputs.use_thumbnail,
+        dynamic_image_size=inputs.dynamic_image_size,
+    )
+    return SupervisedDataset(
+        samples,
+        tokenizer,
+        get_template(inputs.template),
+        tiling,
+        num_image_token=num_image_token,
+        max_seq_length=inputs.max_seq_length,
+    )
