@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def lora_regex(prefix: str, targets: tuple[str, ...]) -> str:
     A plain list such as ["q_proj"] would also hit the vision tower's q/k/v projections.
     """
     names = "|".join(sorted(set(targets)))
-    return rf"{prefix.replace('.', r'\.')}\..*\.({names})"
+    return re.escape(prefix) + r"\..*\.(" + names + ")"
 
 
 def build_lora_config(cfg: TrainConfig) -> PeftLoraConfig | None:
