@@ -20,7 +20,13 @@ from internvl_sft.data.template import get_template
 from internvl_sft.model.templates import chat_template_for
 from internvl_sft.model.tokenizer import EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 
+# A random model only behaves like a pretrained one if signals keep their scale through the layers: linear
+# weights are LeCun-normal (std 1/sqrt(fan_in)), token embeddings unit-variance, the output head large enough
+# to produce confident logits (with the 0.02 used before pre-training, a frozen head caps every logit near 1),
+# and the vision position embeddings smooth in 2-D, as pre-trained ViTs learn them, so that where a patch lies
+# is readable by a small adapter.
 INIT_STD = 0.02
+HEAD_STD = 0.25
 LAYER_SCALE = 0.1
 PROJECTOR_LN_EPS = 1e-5
 
@@ -149,10 +155,11 @@ def chat_config(sizes: TinySizes, vocab: int, special_ids: dict[str, int]) -> di
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """Shape and initial value of one weight: normal(0, 0.02), ones, zeros or the layer-scale constant."""
+    """Shape and initial value of one weight: normal(0, std), ones, zeros or the layer-scale constant."""
 
     shape: tuple[int, ...]
-    init: Literal["normal", "ones", "zeros", "layer_scale"] = "normal"
+    init: Literal["normal", "ones", "zeros", "layer_scale", "sincos_2d"] = "normal"
+    std: float = INIT_STD
 
     def tensor(self, generator: torch.Generator) -> torch.Tensor:
         if self.init == "ones":
@@ -161,11 +168,28 @@ class Param:
             return torch.zeros(self.shape)
         if self.init == "layer_scale":
             return torch.full(self.shape, LAYER_SCALE)
-        return torch.randn(self.shape, generator=generator) * INIT_STD
+        if self.init == "sincos_2d":
+            return sincos_position_table(self.shape)
+        return torch.randn(self.shape, generator=generator) * self.std
+
+
+def sincos_position_table(shape: tuple[int, ...]) -> torch.Tensor:
+    """(1, 1 + side*side, width): a zero row for the class token, then sin/cos of row and column per patch."""
+    _, count, width = shape
+    side = int(round((count - 1) ** 0.5))
+    quarter = width // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    angles_r = rows.reshape(-1, 1) * frequencies
+    angles_c = cols.reshape(-1, 1) * frequencies
+    grid = torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], dim=1)
+    table = torch.zeros(count, width)
+    table[1:, : grid.shape[1]] = grid
+    return table.unsqueeze(0)
 
 
 def linear(prefix: str, out_features: int, in_features: int, bias: bool = True) -> dict[str, Param]:
-    params = {f"{prefix}.weight": Param((out_features, in_features))}
+    params = {f"{prefix}.weight": Param((out_features, in_features), std=in_features**-0.5)}
     if bias:
         params[f"{prefix}.bias"] = Param((out_features,))
     return params
@@ -183,9 +207,9 @@ def vision_params(sizes: TinySizes) -> dict[str, Param]:
     c, p = sizes.vision_hidden, sizes.patch_size
     params = {
         "vision_model.embeddings.class_embedding": Param((1, 1, c)),
-        "vision_model.embeddings.patch_embedding.weight": Param((c, 3, p, p)),
+        "vision_model.embeddings.patch_embedding.weight": Param((c, 3, p, p), std=(3 * p * p) ** -0.5),
         "vision_model.embeddings.patch_embedding.bias": Param((c,)),
-        "vision_model.embeddings.position_embedding": Param((1, sizes.patches_per_side**2 + 1, c)),
+        "vision_model.embeddings.position_embedding": Param((1, sizes.patches_per_side**2 + 1, c), "sincos_2d"),
     }
     for n in range(sizes.vision_layers):
         layer = f"vision_model.encoder.layers.{n}"
@@ -211,7 +235,7 @@ def qwen2_params(sizes: TinySizes, vocab: int) -> dict[str, Param]:
     """Qwen2ForCausalLM weights under `language_model.` (q/k/v with bias, untied lm_head)."""
     h = sizes.llm_hidden
     kv = sizes.llm_kv_heads * (h // sizes.llm_heads)
-    params = {"language_model.model.embed_tokens.weight": Param((vocab, h))}
+    params = {"language_model.model.embed_tokens.weight": Param((vocab, h), std=1.0)}
     for n in range(sizes.llm_layers):
         layer = f"language_model.model.layers.{n}"
         params |= linear(f"{layer}.self_attn.q_proj", h, h)
@@ -224,7 +248,7 @@ def qwen2_params(sizes: TinySizes, vocab: int) -> dict[str, Param]:
         params |= norm(f"{layer}.input_layernorm", h, bias=False)
         params |= norm(f"{layer}.post_attention_layernorm", h, bias=False)
     params |= norm("language_model.model.norm", h, bias=False)
-    params |= {"language_model.lm_head.weight": Param((vocab, h))}
+    params |= {"language_model.lm_head.weight": Param((vocab, h), std=HEAD_STD)}
     return params
 
 

@@ -18,7 +18,15 @@ from tqdm import tqdm
 from internvl_sft.config import EvalConfig, InputsConfig, load_params
 from internvl_sft.data.dataset import build_dataset, collate, read_meta_samples
 from internvl_sft.infer import Predictor, Query
-from internvl_sft.metrics import aggregate, constant_point_prediction, mean_point_baseline, score_sample
+from internvl_sft.metrics import (
+    GROUNDING,
+    aggregate,
+    constant_point_prediction,
+    mean_point_baseline,
+    parse_action,
+    score_sample,
+    task_family,
+)
 from internvl_sft.model.load import load_model, load_tokenizer, read_sidecar
 from internvl_sft.paths import atomic_write_text
 
@@ -94,10 +102,14 @@ def evaluate_model(model_dir: str, label: str, samples, dataset, inputs: InputsC
 
 
 def mean_point_metrics(train_samples, val_queries: list[Query], val_answers: list[str]) -> dict:
-    """Score of a 'model' that always answers the train set's mean point with the right action type."""
+    """Score of always answering the train set's mean point (with the right action type), on the point tasks."""
     point = mean_point_baseline([s.conversations[-1][1] for s in train_samples])
-    scores = [score_sample(q.conversations[-1][1], a, constant_point_prediction(a, point))
-              for q, a in zip(val_queries, val_answers)]
+    scores = []
+    for query, answer in zip(val_queries, val_answers):
+        prompt = query.conversations[-1][1]
+        action = parse_action(answer) if task_family(prompt, answer) != GROUNDING else None
+        if action is not None and action.points:
+            scores.append(score_sample(prompt, answer, constant_point_prediction(action.kind, point)))
     return aggregate(scores)
 
 

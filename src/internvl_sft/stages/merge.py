@@ -50,7 +50,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> torc
 
 def save_merged(model: torch.nn.Module, base_dir: Path, out: Path) -> None:
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)
         load_tokenizer(base_dir).save_pretrained(tmp)
         for name in INPUT_FILES:
             if (base_dir / name).exists():

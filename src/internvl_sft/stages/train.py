@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +38,7 @@ DEEPSPEED_CONFIGS = {
     "zero3": "shell/zero_stage3_config.json",
 }
 RESOLVED_PARAMS = "train_params.json"
+RUN_FINGERPRINT = "run_fingerprint.txt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +82,7 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         num_train_epochs=cfg.num_train_epochs,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the total steps
         lr_scheduler_type=cfg.lr_scheduler_type,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
@@ -99,7 +102,6 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         remove_unused_columns=False,
         deepspeed=deepspeed,
         report_to=["tensorboard"],
-        save_safetensors=True,
         disable_tqdm=False,
     )
 
@@ -147,12 +149,36 @@ def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
     tmp.replace(path)
 
 
+def run_fingerprint(params: Params, args: argparse.Namespace) -> str:
+    """Identity of a training run: its parameters, data files and base model (not the GPU count)."""
+    digest = hashlib.sha256(json.dumps(to_dict(params.inputs)).encode() + json.dumps(to_dict(params.train)).encode())
+    for meta in (args.train_meta, args.val_meta):
+        digest.update(Path(meta).read_bytes())
+        for spec in json.loads(Path(meta).read_text(encoding="utf-8")).values():
+            digest.update(Path(spec["annotation"]).read_bytes())
+    for path in sorted(Path(args.model).glob("*.json")) + sorted(Path(args.model).glob("*.safetensors")):
+        digest.update(path.name.encode() + str(path.stat().st_size).encode())
+    digest.update((Path(args.model) / "config.json").read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_to_resume(checkpoint_dir: Path, fingerprint: str) -> str | None:
+    """The last checkpoint of the same run, if any; checkpoints of another run are deleted."""
+    stamp = checkpoint_dir / RUN_FINGERPRINT
+    if checkpoint_dir.is_dir() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+        print(f"{checkpoint_dir}: checkpoints of a different run; starting afresh", flush=True)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+    return get_last_checkpoint(str(checkpoint_dir))
+
+
 def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace) -> None:
     """Write the (best) adapter and the resolved parameters atomically, rank 0 only."""
     if not trainer.is_world_process_zero():
         return
     with atomic_dir(Path(args.adapter_dir)) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        trainer.model.save_pretrained(tmp)
         resolved = {"base_model": str(args.model), "params": to_dict(params), "world_size": world_size()}
         (tmp / RESOLVED_PARAMS).write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
 
@@ -182,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         ],
         group_by_length=params.train.group_by_length,
     )
-    last = get_last_checkpoint(args.checkpoint_dir) if Path(args.checkpoint_dir).is_dir() else None
+    with training_args.main_process_first(local=False, desc="checkpoint check"):
+        last = checkpoint_to_resume(Path(args.checkpoint_dir), run_fingerprint(params, args))
     if last:
         print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)

@@ -1,0 +1,92 @@
+"""LoRA attachment follows the recipe's freeze flags, and a merged model generates what base + adapter does."""
+
+import dataclasses
+
+import pytest
+import torch
+from peft import PeftModel
+
+from internvl_sft.config import LoraConfig, TrainConfig
+from internvl_sft.model.convert import upstream_to_native
+from internvl_sft.model.load import load_model, load_tokenizer, prepare_for_training
+from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+from internvl_sft.stages import merge
+from internvl_sft.stages.train import gradient_accumulation
+
+CORPUS = ("操作：点击\n参数：[481, 472]", "请根据屏幕截图，执行任务：点击微信app图标") * 4
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RECIPE = TrainConfig(llm_lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LLM_TARGETS),
+                     grad_checkpoint=False)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    build_tiny_checkpoint(root / "upstream", corpus=CORPUS, seed=1, sizes=TinySizes(vocab_size=300))
+    upstream_to_native(root / "upstream", root / "native")
+    return root / "native"
+
+
+def trainable_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def test_llm_lora_never_touches_the_vision_tower(native):
+    model = prepare_for_training(load_model(native), RECIPE)
+    names = trainable_names(model)
+    assert names and all("lora_" in n for n in names)
+    assert all("language_model" in n for n in names)
+    assert any("self_attn.q_proj.lora_A" in n for n in names)
+    assert any("mlp.down_proj.lora_B" in n for n in names)
+
+
+def test_freeze_flags_select_projector_and_vision_lora(native):
+    cfg = dataclasses.replace(
+        RECIPE, freeze_mlp=False,
+        backbone_lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "fc1")),
+    )
+    model = prepare_for_training(load_model(native), cfg)
+    names = trainable_names(model)
+    assert any("multi_modal_projector" in n for n in names)
+    vision = [n for n in names if "vision_tower" in n]
+    assert vision and all("q_proj.lora" in n or "fc1.lora" in n for n in vision)
+    ranks = {n: p.shape for n, p in model.named_parameters() if "vision_tower" in n and "lora_A" in n}
+    assert all(shape[0] == 4 for shape in ranks.values())
+
+
+def test_gradient_accumulation_keeps_the_global_batch():
+    assert gradient_accumulation(16, 4, 1) == 4
+    assert gradient_accumulation(16, 4, 2) == 2
+    with pytest.raises(ValueError, match="not a multiple"):
+        gradient_accumulation(16, 3, 2)
+
+
+def prompt_ids(tokenizer) -> torch.Tensor:
+    text = "<|im_start|>user\n请根据屏幕截图，执行任务：点击微信app图标<|im_end|><|im_start|>assistant\n"
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def test_merged_model_generates_like_base_plus_adapter(native, tmp_path):
+    model = prepare_for_training(load_model(native), RECIPE)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("merge:\n  dtype: float32\n")
+    merge.main(["--params", str(params_file), "--model", str(native), "--adapter-dir", str(tmp_path / "adapter"),
+                "--out", str(tmp_path / "merged")])
+
+    tokenizer = load_tokenizer(native)
+    ids = prompt_ids(tokenizer)
+    settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with_adapter = PeftModel.from_pretrained(load_model(native), tmp_path / "adapter").eval()
+    merged = load_model(tmp_path / "merged").eval()
+    base = load_model(native).eval()
+    expected = with_adapter.generate(input_ids=ids, **settings)
+    assert torch.equal(merged.generate(input_ids=ids, **settings), expected)
+    assert not torch.equal(base.generate(input_ids=ids, **settings), expected)
+    assert (tmp_path / "merged/internvl_sft.json").exists()
+    assert load_tokenizer(tmp_path / "merged").chat_template == tokenizer.chat_template
