@@ -8,12 +8,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def staging_dir(target: Path) -> Path:
+    """The temporary sibling a directory output is written into before it is published."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.partial")
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Replace `target` by the finished `staging` directory (the old one is removed only afterwards)."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
+    tmp = staging_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -21,12 +37,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, target)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -30,7 +30,7 @@ from internvl_sft.model.load import (
     resolve_dtype,
     trainable_summary,
 )
-from internvl_sft.paths import atomic_dir
+from internvl_sft.paths import publish, staging_dir
 
 DEEPSPEED_CONFIGS = {
     "zero1": "shell/zero_stage1_config.json",
@@ -174,13 +174,20 @@ def checkpoint_to_resume(checkpoint_dir: Path, fingerprint: str) -> str | None:
 
 
 def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace) -> None:
-    """Write the (best) adapter and the resolved parameters atomically, rank 0 only."""
-    if not trainer.is_world_process_zero():
-        return
-    with atomic_dir(Path(args.adapter_dir)) as tmp:
-        trainer.model.save_pretrained(tmp)
+    """Write the (best) adapter and the resolved parameters, then publish them in one rename.
+
+    Every rank takes part in `save_model`: under ZeRO-3 that is where the partitioned weights are gathered.
+    """
+    final = Path(args.adapter_dir)
+    staging = staging_dir(final)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
         resolved = {"base_model": str(args.model), "params": to_dict(params), "world_size": world_size()}
-        (tmp / RESOLVED_PARAMS).write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
+        (staging / RESOLVED_PARAMS).write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
+        publish(staging, final)
 
 
 def main(argv: list[str] | None = None) -> None:
