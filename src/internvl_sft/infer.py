@@ -10,8 +10,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from internvl_sft.config import InputsConfig
+from internvl_sft.data.dataset import image_geometry, tiling_settings
 from internvl_sft.data.template import encode_prompt, get_template
-from internvl_sft.data.tiling import dynamic_tiles, load_image, to_pixel_values
+from internvl_sft.data.tiling import load_image, to_pixel_values
 
 
 @dataclass(frozen=True)
@@ -27,21 +28,18 @@ class Predictor:
                  sidecar: dict, max_new_tokens: int):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.inputs = inputs
         self.template = get_template(inputs.template)
-        self.tile_size = int(sidecar["image_size"])
-        self.tokens_per_tile = int(sidecar["num_image_token"])
+        self.tiling = tiling_settings(inputs, sidecar)
+        self.tile_size, self.tokens_per_tile = image_geometry(sidecar)
         self.max_new_tokens = max_new_tokens
         self.end_id = tokenizer.convert_tokens_to_ids(self.template.stop_token)
 
-    def tiles(self, path: Path) -> torch.Tensor:
-        max_num = self.inputs.max_dynamic_patch if self.inputs.dynamic_image_size else 1
-        tiles = dynamic_tiles(load_image(path), tile_size=self.tile_size, min_num=self.inputs.min_dynamic_patch,
-                              max_num=max_num, use_thumbnail=self.inputs.use_thumbnail)
-        return to_pixel_values(tiles, self.tile_size)
+    def pixel_values(self, path: Path, image_count: int) -> torch.Tensor:
+        """Tiles of one image exactly as training makes them (multi-image samples share the tile budget)."""
+        return to_pixel_values(self.tiling.tiles(load_image(path), image_count), self.tile_size)
 
     def encode(self, query: Query) -> tuple[list[int], list[torch.Tensor]]:
-        pixels = [self.tiles(path) for path in query.images]
+        pixels = [self.pixel_values(path, len(query.images)) for path in query.images]
         counts = [p.shape[0] * self.tokens_per_tile for p in pixels]
         ids = encode_prompt(self.tokenizer, self.template, list(query.conversations), counts)
         return ids, pixels

@@ -51,19 +51,26 @@ class TilingSettings:
     dynamic_image_size: bool = True
 
     def options(self, sample: Sample) -> dict:
-        """Keyword arguments of `dynamic_tiles` / `tile_count` for each image of `sample`.
+        """Keyword arguments of `dynamic_tiles` / `tile_count` for each image of `sample`."""
+        return self.options_for(len(sample.images), sample.max_dynamic_patch)
 
-        As upstream, the images of a multi-image sample share the tile budget: each gets at most
-        max(1, max_dynamic_patch // number of images) tiles.
-        """
-        budget = sample.max_dynamic_patch or self.max_dynamic_patch
-        most = max(1, budget // max(1, len(sample.images)))
+    def options_for(self, image_count: int, max_dynamic_patch: int | None = None) -> dict:
+        """As upstream, the images of a multi-image sample share the tile budget: each gets at most
+        max(1, max_dynamic_patch // number of images) tiles."""
+        budget = max_dynamic_patch or self.max_dynamic_patch
+        most = max(1, budget // max(1, image_count))
         return {
             "tile_size": self.tile_size,
             "min_num": min(self.min_dynamic_patch, most),
             "max_num": most,
             "use_thumbnail": self.use_thumbnail,
         }
+
+    def tiles(self, image: Image.Image, image_count: int, max_dynamic_patch: int | None = None) -> list[Image.Image]:
+        """The tiles of one image; without dynamic resolution the whole image is one tile."""
+        if not self.dynamic_image_size:
+            return [image]
+        return dynamic_tiles(image, **self.options_for(image_count, max_dynamic_patch))
 
 
 class SupervisedDataset(Dataset):
@@ -115,10 +122,7 @@ class SupervisedDataset(Dataset):
         }
 
     def image_tiles(self, image: Image.Image, sample: Sample) -> list[Image.Image]:
-        """The tiles of one image; without dynamic resolution the whole image is one tile."""
-        if not self.tiling.dynamic_image_size:
-            return [image]
-        return dynamic_tiles(image, **self.tiling.options(sample))
+        return self.tiling.tiles(image, len(sample.images), sample.max_dynamic_patch)
 
     def count_tiles(self, path: Path, sample: Sample) -> int:
         """How many tiles `image_tiles` gives for an image, read from its header only."""
@@ -196,6 +200,18 @@ def image_geometry(sidecar: dict) -> tuple[int, int]:
     return int(sidecar["image_size"]), int(sidecar["num_image_token"])
 
 
+def tiling_settings(inputs: InputsConfig, sidecar: dict) -> TilingSettings:
+    """Tiling of the params' `inputs` section at the model's tile size."""
+    tile_size, _ = image_geometry(sidecar)
+    return TilingSettings(
+        tile_size=tile_size,
+        min_dynamic_patch=inputs.min_dynamic_patch,
+        max_dynamic_patch=inputs.max_dynamic_patch,
+        use_thumbnail=inputs.use_thumbnail,
+        dynamic_image_size=inputs.dynamic_image_size,
+    )
+
+
 def read_meta_samples(meta_path: str | Path, seed: int) -> list[Sample]:
     """The samples of every dataset a meta file lists, in meta order; all data problems are reported together."""
     samples: list[Sample] = []
@@ -223,19 +239,12 @@ def build_dataset(
     """The training view of a meta file's samples (or of `samples` already read from it, e.g. a subset)."""
     if samples is None:
         samples = read_meta_samples(meta_path, seed)
-    tile_size, num_image_token = image_geometry(sidecar)
-    tiling = TilingSettings(
-        tile_size=tile_size,
-        min_dynamic_patch=inputs.min_dynamic_patch,
-        max_dynamic_patch=inputs.max_dynamic_patch,
-        use_thumbnail=inputs.use_thumbnail,
-        dynamic_image_size=inputs.dynamic_image_size,
-    )
+    _, num_image_token = image_geometry(sidecar)
     return SupervisedDataset(
         samples,
         tokenizer,
         get_template(inputs.template),
-        tiling,
+        tiling_settings(inputs, sidecar),
         num_image_token=num_image_token,
         max_seq_length=inputs.max_seq_length,
     )
