@@ -27,7 +27,7 @@ from internvl_sft.metrics import (
     score_sample,
     task_family,
 )
-from internvl_sft.model.load import load_model, load_tokenizer, read_sidecar
+from internvl_sft.model.load import load_model, load_tokenizer, read_sidecar, resolve_dtype
 from internvl_sft.paths import atomic_write_text
 
 
@@ -45,10 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def dtype_for_eval() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 @torch.inference_mode()
@@ -85,7 +81,7 @@ def predict_all(predictor: Predictor, queries: list[Query], batch_size: int, des
 
 def evaluate_model(model_dir: str, label: str, samples, dataset, inputs: InputsConfig, cfg: EvalConfig,
                    sidecar: dict) -> tuple[dict, list[dict]]:
-    model = load_model(model_dir, dtype_for_eval()).to(device())
+    model = load_model(model_dir, resolve_dtype("auto")).to(device())
     tokenizer = load_tokenizer(model_dir)
     loss = eval_loss(model, dataset, tokenizer.pad_token_id, cfg.batch_size)
     queries, answers = queries_and_answers(samples)
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         samples = samples[: cfg.max_samples]
     dataset = build_dataset(args.val_meta, tokenizer, sidecar, inputs, seed=params.train.seed, samples=samples)
     queries, answers = queries_and_answers(samples)
-    results = {"mean_point_baseline": mean_point_metrics(read_meta_samples(args.train_meta, seed=0), queries,
+    results = {"mean_point_baseline": mean_point_metrics(read_meta_samples(args.train_meta, seed=params.train.seed), queries,
                                                          answers)}
     rows: list[dict] = []
     models = [("finetuned", args.model)] + ([("base", args.base)] if cfg.eval_base else [])

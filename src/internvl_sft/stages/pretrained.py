@@ -8,6 +8,7 @@ back to that layout); the native copy is what training loads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -27,13 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tiny_sizes(cfg: PretrainedConfig) -> TinySizes:
-    t = cfg.tiny
-    return TinySizes(
-        vocab_size=t.vocab_size, vision_hidden=t.vision_hidden, vision_layers=t.vision_layers,
-        vision_heads=t.vision_heads, vision_mlp=t.vision_mlp, image_size=t.image_size,
-        llm_hidden=t.llm_hidden, llm_layers=t.llm_layers, llm_heads=t.llm_heads,
-        llm_kv_heads=t.llm_kv_heads, llm_mlp=t.llm_mlp,
-    )
+    """Every `pretrained.tiny` key but the seed is a size of the same name."""
+    sizes = dataclasses.asdict(cfg.tiny)
+    del sizes["seed"]
+    return TinySizes(**sizes)
 
 
 def download_from_hub(cfg: PretrainedConfig, folder: Path) -> None:
