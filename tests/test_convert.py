@@ -115,8 +115,8 @@ def test_forward_with_two_tiles(model, tokenizer):
     assert not torch.allclose(logits[0, -1], other[0, -1])
 
 
-def test_native_state_dict_maps_back_exactly(model, upstream_weights):
-    back = native_to_upstream_state_dict(model.state_dict())
+def test_native_state_dict_maps_back_exactly(model, upstream_weights, upstream_config):
+    back = native_to_upstream_state_dict(model.state_dict(), upstream_config["llm_config"])
     assert back.keys() == upstream_weights.keys()
     for key, tensor in upstream_weights.items():
         assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
@@ -207,10 +207,10 @@ def test_pickle_weights_are_refused(upstream, tmp_path):
     assert not (tmp_path / "native").exists()
 
 
-def test_unmapped_upstream_key_is_named(upstream_weights):
+def test_unmapped_upstream_key_is_named(upstream_weights, upstream_config):
     weights = dict(upstream_weights) | {"vision_model.encoder.layers.0.attn.rope.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match=r"vision_model\.encoder\.layers\.0\.attn\.rope\.weight"):
-        upstream_to_native_state_dict(weights)
+        upstream_to_native_state_dict(weights, upstream_config["llm_config"])
 
 
 def test_missing_weight_is_named_and_nothing_is_written(upstream, upstream_weights, tmp_path):
@@ -223,11 +223,11 @@ def test_missing_weight_is_named_and_nothing_is_written(upstream, upstream_weigh
     assert sorted(path.name for path in tmp_path.iterdir()) == ["incomplete"]
 
 
-def test_missing_part_of_a_fused_tensor_is_named(model):
+def test_missing_part_of_a_fused_tensor_is_named(model, upstream_config):
     weights = dict(model.state_dict())
     del weights["model.vision_tower.encoder.layer.0.attention.k_proj.weight"]
     with pytest.raises(CheckpointError, match=r"layer\.0\.attention\.k_proj\.weight missing"):
-        native_to_upstream_state_dict(weights)
+        native_to_upstream_state_dict(weights, upstream_config["llm_config"])
 
 
 def test_pixel_shuffle_v1_is_refused(upstream, tmp_path):

@@ -40,6 +40,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TinyModel:
     seed: int = 0
+    llm: Literal["qwen2", "internlm2", "phi3"] = "qwen2"
     vocab_size: int = 1200
     vision_hidden: int = 64
     vision_layers: int = 2

@@ -5,8 +5,13 @@ the tokenizer. The native folder loads with `AutoModelForImageTextToText.from_pr
 `internvl_sft.json` beside it keeps the upstream settings the native config has no field for.
 
 Weight names are mapped by rules: a rule pairs one upstream name pattern with one native pattern (a rename)
-or several (one upstream tensor is the native tensors concatenated along dim 0, e.g. InternViT's fused qkv).
-Each LLM family has its own rule table and config fields, so InternLM2 or Phi-3 can be added beside Qwen2.
+or several (one upstream tensor is the native tensors concatenated along dim 0, e.g. InternViT's fused qkv,
+or interleaved per key-value head, as InternLM2's grouped-query `wqkv`). Each LLM family has its own rule
+table and config fields: Qwen2 (InternVL2-1B) stays Qwen2, InternLM2 (InternVL2-2B/8B) becomes a native Llama,
+Phi-3 (InternVL2-4B) stays Phi-3 with its fused projections.
+
+The tokenizer files are copied as they are; the chat template goes beside them as `chat_template.jinja` and
+token ids are read from the JSON files, so no tokenizer (and no remote code) is loaded to convert.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import dataclasses
 import functools
 import json
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from internvl_sft.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 from internvl_sft.data.template import get_template
@@ -31,6 +38,12 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt",
+)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # read by transformers before tokenizer_config's chat_template
+LEGACY_ROPE_TYPES = {"su": "longrope"}  # Phi-3's first name for LongRoPE
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 PLACEHOLDERS = {"n": r"\d+", "param": r"weight|bias", "rest": r".+"}
 
@@ -56,6 +69,43 @@ class KeyRule:
 
     def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedQkvRule(KeyRule):
+    """InternLM2's `wqkv`: rows grouped per key-value head as [its `groups` query heads, its key, its value].
+
+    Query head j then belongs to KV head j // groups, which is how native attention repeats keys and values.
+    """
+
+    kv_heads: int = 1
+    groups: int = 1
+
+    def blocks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[kv_heads, groups + 2, head_dim, ...]."""
+        per_head = self.kv_heads * (self.groups + 2)
+        if tensor.shape[0] % per_head:
+            raise CheckpointError(
+                f"{self.upstream}: {tensor.shape[0]} rows do not split into {self.kv_heads} key-value heads "
+                f"of {self.groups} query heads + key + value"
+            )
+        return tensor.reshape(self.kv_heads, self.groups + 2, -1, *tensor.shape[1:])
+
+    def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        blocks, rest = self.blocks(tensor), tensor.shape[1:]
+        query = blocks[:, : self.groups].reshape(-1, *rest)
+        key, value = (blocks[:, index].reshape(-1, *rest) for index in (self.groups, self.groups + 1))
+        return [query.clone(), key.clone(), value.clone()]
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        query, key, value = parts
+        rest = query.shape[1:]
+        grouped = [
+            query.reshape(self.kv_heads, self.groups, -1, *rest),
+            key.reshape(self.kv_heads, 1, -1, *rest),
+            value.reshape(self.kv_heads, 1, -1, *rest),
+        ]
+        return torch.cat(grouped, dim=1).reshape(-1, *rest)
 
 
 def rename(upstream: str, native: str) -> KeyRule:
@@ -92,32 +142,83 @@ PROJECTOR_RULES = (
     rename("mlp1.3.{param}", "model.multi_modal_projector.linear_2.{param}"),
 )
 
-QWEN2_RULES = (
+# Qwen2 and Phi-3 keep their upstream names under a new prefix (Phi-3's fused qkv_proj / gate_up_proj are
+# native Phi-3 weights too).
+PREFIX_RULES = (
     rename("language_model.model.{rest}", "model.language_model.{rest}"),
     rename("language_model.lm_head.weight", "lm_head.weight"),
 )
 
 
+def prefix_rules(llm: dict) -> tuple[KeyRule, ...]:
+    return PREFIX_RULES
+
+
+def internlm2_rules(llm: dict) -> tuple[KeyRule, ...]:
+    """InternLM2 -> Llama names; `wqkv` is split by its grouped-query layout (needs the head counts)."""
+    heads = llm["num_attention_heads"]
+    kv_heads = llm.get("num_key_value_heads") or heads
+    up, native = "language_model.model.layers.{n}.", "model.language_model.layers.{n}."
+    qkv = tuple(native + f"self_attn.{x}_proj.{{param}}" for x in "qkv")
+    return (
+        rename("language_model.model.tok_embeddings.weight", "model.language_model.embed_tokens.weight"),
+        GroupedQkvRule(up + "attention.wqkv.{param}", qkv, kv_heads=kv_heads, groups=heads // kv_heads),
+        rename(up + "attention.wo.{param}", native + "self_attn.o_proj.{param}"),
+        rename(up + "feed_forward.w1.weight", native + "mlp.gate_proj.weight"),
+        rename(up + "feed_forward.w3.weight", native + "mlp.up_proj.weight"),
+        rename(up + "feed_forward.w2.weight", native + "mlp.down_proj.weight"),
+        rename(up + "attention_norm.weight", native + "input_layernorm.weight"),
+        rename(up + "ffn_norm.weight", native + "post_attention_layernorm.weight"),
+        rename("language_model.model.norm.weight", "model.language_model.norm.weight"),
+        rename("language_model.output.weight", "lm_head.weight"),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LlmFamily:
-    """How one upstream LLM becomes the native text model: its model_type, config fields and weight rules."""
+    """How one upstream LLM becomes the native text model.
+
+    `config_fields` are copied as they are, `renamed_fields` maps upstream field names to native ones,
+    `defaults` are native values for fields the upstream config may leave to its own class defaults.
+    RoPE settings are translated separately (`rope_parameters`).
+    """
 
     model_type: str
     config_fields: tuple[str, ...]
-    rules: tuple[KeyRule, ...]
+    rules: Callable[[dict], tuple[KeyRule, ...]]
+    renamed_fields: tuple[tuple[str, str], ...] = ()
+    defaults: tuple[tuple[str, object], ...] = ()
 
 
+COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+)
 QWEN2 = LlmFamily(
     model_type="qwen2",
-    config_fields=(
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-        "use_cache", "rope_theta", "rope_scaling", "use_sliding_window", "sliding_window", "max_window_layers",
-        "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-    ),
-    rules=QWEN2_RULES,
+    config_fields=COMMON_FIELDS + ("use_sliding_window", "sliding_window", "max_window_layers", "attention_dropout"),
+    rules=prefix_rules,
 )
-LLM_FAMILIES = {"Qwen2ForCausalLM": QWEN2}
+INTERNLM2 = LlmFamily(
+    model_type="llama",
+    config_fields=COMMON_FIELDS,
+    rules=internlm2_rules,
+    renamed_fields=(("bias", "attention_bias"),),
+    defaults=(("attention_bias", True), ("mlp_bias", False)),  # InternLM2Config's bias defaults to True
+)
+PHI3 = LlmFamily(
+    model_type="phi3",
+    config_fields=COMMON_FIELDS + (
+        "original_max_position_embeddings", "sliding_window", "attention_dropout", "resid_pdrop", "embd_pdrop",
+    ),
+    rules=prefix_rules,
+)
+LLM_FAMILIES = {"Qwen2ForCausalLM": QWEN2, "InternLM2ForCausalLM": INTERNLM2, "Phi3ForCausalLM": PHI3}
+
+
+def llm_architecture(llm: dict) -> str:
+    return (llm.get("architectures") or [""])[0]
 
 
 def llm_family(architecture: str) -> LlmFamily:
@@ -128,8 +229,9 @@ def llm_family(architecture: str) -> LlmFamily:
         raise CheckpointError(f"LLM architecture {architecture!r} is not supported; supported: {known}") from None
 
 
-def key_rules(architecture: str) -> tuple[KeyRule, ...]:
-    return VISION_RULES + PROJECTOR_RULES + llm_family(architecture).rules
+def key_rules(llm: dict) -> tuple[KeyRule, ...]:
+    """Every weight rule of a checkpoint whose `llm_config` is `llm`."""
+    return VISION_RULES + PROJECTOR_RULES + llm_family(llm_architecture(llm)).rules(llm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,11 +260,12 @@ def unmapped_error(keys: list[str], side: str) -> CheckpointError:
     return CheckpointError(f"no mapping for {side} weight(s): {shown}")
 
 
-def upstream_to_native_state_dict(
-    state_dict: dict[str, torch.Tensor], llm_architecture: str = "Qwen2ForCausalLM"
-) -> dict[str, torch.Tensor]:
-    """Rename upstream weights to native names, splitting fused tensors. Unknown keys are an error."""
-    rules = key_rules(llm_architecture)
+def upstream_to_native_state_dict(state_dict: dict[str, torch.Tensor], llm: dict) -> dict[str, torch.Tensor]:
+    """Rename upstream weights to native names, splitting fused tensors. Unknown keys are an error.
+
+    `llm` is the checkpoint's `llm_config` (architecture and head counts).
+    """
+    rules = key_rules(llm)
     native: dict[str, torch.Tensor] = {}
     unmapped = []
     for key, tensor in state_dict.items():
@@ -178,11 +281,9 @@ def upstream_to_native_state_dict(
     return native
 
 
-def native_to_upstream_state_dict(
-    state_dict: dict[str, torch.Tensor], llm_architecture: str = "Qwen2ForCausalLM"
-) -> dict[str, torch.Tensor]:
-    """The exact inverse of `upstream_to_native_state_dict` (fused tensors are concatenated back)."""
-    rules = key_rules(llm_architecture)
+def native_to_upstream_state_dict(state_dict: dict[str, torch.Tensor], llm: dict) -> dict[str, torch.Tensor]:
+    """The exact inverse of `upstream_to_native_state_dict` (fused tensors are joined back)."""
+    rules = key_rules(llm)
     groups: dict[str, tuple[KeyRule, dict[str, str], dict[int, torch.Tensor]]] = {}
     unmapped = []
     for key, tensor in state_dict.items():
@@ -294,7 +395,7 @@ def upstream_settings(config: dict, where: Path) -> UpstreamSettings:
     forced = config.get("force_image_size") or image_size
     if forced != image_size:
         raise CheckpointError(f"{where}: force_image_size {forced} differs from vision image_size {image_size}")
-    architecture = (llm.get("architectures") or [""])[0]
+    architecture = llm_architecture(llm)
     llm_family(architecture)
     return UpstreamSettings(
         template=config["template"],
@@ -337,9 +438,25 @@ def native_vision_config(vision: dict) -> dict:
     }
 
 
+def rope_parameters(llm: dict) -> dict:
+    """Upstream `rope_theta` + `rope_scaling` as one native `rope_parameters` dict."""
+    scaling = dict(llm.get("rope_scaling") or {})
+    kind = scaling.pop("type", None) or scaling.pop("rope_type", None) or "default"
+    kind = LEGACY_ROPE_TYPES.get(kind, kind)
+    parameters = {"rope_type": kind, "rope_theta": llm.get("rope_theta", 10000.0)} | scaling
+    if kind == "longrope" and "original_max_position_embeddings" in llm:
+        parameters.setdefault("original_max_position_embeddings", llm["original_max_position_embeddings"])
+    return parameters
+
+
 def native_text_config(llm: dict, family: LlmFamily) -> dict:
-    text = {field: llm[field] for field in family.config_fields if field in llm}
-    return text | {"model_type": family.model_type, "tie_word_embeddings": False}
+    copied = {field: llm[field] for field in family.config_fields if field in llm}
+    renamed = {native: llm[field] for field, native in family.renamed_fields if field in llm}
+    return dict(family.defaults) | copied | renamed | {
+        "model_type": family.model_type,
+        "rope_parameters": rope_parameters(llm),
+        "tie_word_embeddings": False,
+    }
 
 
 def native_config(config: dict, settings: UpstreamSettings, image_token_id: int) -> InternVLConfig:
@@ -375,11 +492,34 @@ def image_processor_config(settings: UpstreamSettings) -> dict:
     }
 
 
-def token_id(tokenizer: PreTrainedTokenizerBase, token: str, src_dir: Path) -> int:
-    found = tokenizer.get_vocab().get(token)
-    if found is None:
-        raise CheckpointError(f"{src_dir}: the tokenizer has no {token} token")
-    return found
+def token_content(token: str | dict | None) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def added_token_ids(src_dir: Path) -> dict[str, int]:
+    """Ids of the added (special) tokens, from tokenizer_config.json or else tokenizer.json, without loading
+    the tokenizer (InternLM2's needs remote code)."""
+    config = read_json(src_dir / "tokenizer_config.json")
+    decoder = config.get("added_tokens_decoder")
+    if decoder:
+        return {token_content(token): int(index) for index, token in decoder.items()}
+    if not (src_dir / "tokenizer.json").exists():
+        return {}
+    return {token["content"]: token["id"] for token in read_json(src_dir / "tokenizer.json").get("added_tokens", [])}
+
+
+def token_id(ids: dict[str, int], token: str, src_dir: Path) -> int:
+    if token not in ids:
+        raise CheckpointError(f"{src_dir / 'tokenizer_config.json'}: the tokenizer has no {token} token")
+    return ids[token]
+
+
+def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> None:
+    """Copy the tokenizer files (and a chat_template.jinja) as they are; code files never are."""
+    for name in (*TOKENIZER_FILES, CHAT_TEMPLATE_FILE):
+        if (src_dir / name).exists():
+            shutil.copy2(src_dir / name, dst_dir / name)
 
 
 def build_native_model(
@@ -400,6 +540,10 @@ def build_native_model(
 def checkpoint_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating dtype the checkpoint is stored in (kept by the conversion)."""
     return next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+
+
+def pad_token_id(src_dir: Path, ids: dict[str, int]) -> int | None:
+    return ids.get(token_content(read_json(src_dir / "tokenizer_config.json").get("pad_token")))
 
 
 def set_generation_tokens(model: InternVLForConditionalGeneration, stop_id: int, pad_id: int | None) -> None:
@@ -423,18 +567,18 @@ def upstream_to_native(src_dir: Path, dst_dir: Path) -> None:
     settings = upstream_settings(config, config_path)
     weights = read_weights(src_dir)
     try:
-        native_weights = upstream_to_native_state_dict(weights, settings.llm_architecture)
+        native_weights = upstream_to_native_state_dict(weights, config["llm_config"])
     except CheckpointError as error:
         raise CheckpointError(f"{src_dir}: {error}") from None
-    tokenizer = AutoTokenizer.from_pretrained(src_dir)
-    tokenizer.chat_template = chat_template_for(settings.template)
-    native = native_config(config, settings, token_id(tokenizer, IMG_CONTEXT, src_dir))
+    ids = added_token_ids(src_dir)
+    native = native_config(config, settings, token_id(ids, IMG_CONTEXT, src_dir))
     model = build_native_model(native, native_weights, src_dir)
     model.to(checkpoint_dtype(weights))
-    stop_id = token_id(tokenizer, get_template(settings.template).stop_token, src_dir)
-    set_generation_tokens(model, stop_id, tokenizer.pad_token_id)
+    stop_id = token_id(ids, get_template(settings.template).stop_token, src_dir)
+    set_generation_tokens(model, stop_id, pad_token_id(src_dir, ids))
     with atomic_dir(dst_dir) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        copy_tokenizer_files(src_dir, tmp)
+        (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template_for(settings.template), encoding="utf-8")
         write_json(tmp / "preprocessor_config.json", image_processor_config(settings))
         write_json(tmp / SIDECAR, settings.sidecar())

@@ -15,7 +15,8 @@ import torch
 from peft import PeftModel
 
 from internvl_sft.config import load_params
-from internvl_sft.model.load import SIDECAR, load_model, load_tokenizer
+from internvl_sft.model.convert import copy_tokenizer_files
+from internvl_sft.model.load import SIDECAR, load_model
 from internvl_sft.paths import atomic_dir
 
 # Files of the base model directory that describe inputs rather than weights.
@@ -51,7 +52,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> torc
 def save_merged(model: torch.nn.Module, base_dir: Path, out: Path) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        load_tokenizer(base_dir).save_pretrained(tmp)
+        copy_tokenizer_files(base_dir, tmp)
         for name in INPUT_FILES:
             if (base_dir / name).exists():
                 shutil.copy2(base_dir / name, tmp / name)
