@@ -12,10 +12,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv data pretrained train merge eval repro test tensorboard exp real
+.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create .venv with the pinned dependencies (requirements.lock)
 
@@ -37,6 +37,9 @@ train: $(STAMP) ## stage train: LoRA fine-tuning on GPUS processes (make train G
 
 merge: $(STAMP) ## stage merge: merge the adapter into the base model
 	dvc repro merge
+
+export-upstream: $(STAMP) ## stage export: the merged model in the upstream layout (work_dirs/merged_upstream)
+	dvc repro export
 
 eval: $(STAMP) ## stage eval: metrics of the base and fine-tuned models
 	dvc repro eval

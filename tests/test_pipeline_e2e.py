@@ -52,6 +52,7 @@ def test_repro_produces_merged_model_and_metrics(project):
     metrics = json.loads((dest / "work_dirs/eval/metrics.json").read_text())
     assert {"finetuned", "base", "mean_point_baseline"} <= set(metrics)
     assert (dest / "work_dirs/merged/config.json").exists()
+    assert (dest / "work_dirs/merged_upstream/model.safetensors").exists()
     predictions = (dest / "work_dirs/eval/predictions.jsonl").read_text().splitlines()
     assert len(predictions) == metrics["finetuned"]["all.n"] + metrics["base"]["all.n"]
 
@@ -79,7 +80,7 @@ def test_second_repro_does_nothing(project):
     dest, env = project
     result = run(["dvc", "repro"], dest, env)
     out = result.stdout + result.stderr
-    for stage in ("data", "pretrained", "train", "merge", "eval"):
+    for stage in ("data", "pretrained", "train", "merge", "export", "eval"):
         assert f"Stage '{stage}' didn't change, skipping" in out
 
 

@@ -18,6 +18,7 @@ LLM_PREFIX = "model.language_model"
 VISION_PREFIX = "model.vision_tower"
 PROJECTOR_NAME = "multi_modal_projector"
 SIDECAR = "internvl_sft.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -44,6 +45,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Pre
     return AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=attention_implementation(), use_safetensors=True
     )
+
+
+def saved_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a native model folder was saved in (fp32 when its config does not say)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return DTYPES.get(config.get("dtype", "float32"), torch.float32)
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

@@ -7,7 +7,6 @@ base model's tokenizer, chat template, image-processor config and tiling setting
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -16,12 +15,11 @@ from peft import PeftModel
 
 from internvl_sft.config import load_params
 from internvl_sft.model.convert import copy_tokenizer_files
-from internvl_sft.model.load import SIDECAR, load_model
+from internvl_sft.model.load import DTYPES, SIDECAR, load_model, saved_dtype
 from internvl_sft.paths import atomic_dir
 
 # Files of the base model directory that describe inputs rather than weights.
 INPUT_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", SIDECAR)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,10 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def merged_dtype(name: str, base_dir: Path) -> torch.dtype:
     """`auto` keeps the dtype the base checkpoint was saved in."""
-    if name != "auto":
-        return DTYPES[name]
-    saved = json.loads((base_dir / "config.json").read_text(encoding="utf-8")).get("dtype", "float32")
-    return DTYPES.get(saved, torch.float32)
+    return saved_dtype(base_dir) if name == "auto" else DTYPES[name]
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
