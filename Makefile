@@ -58,5 +58,5 @@ exp: $(STAMP) ## run a variant: make exp SET='train.learning_rate=1e-3'
 	dvc exp run $(foreach s,$(SET),-S $(s))
 	dvc exp show --no-pager
 
-real: $(STAMP) ## run the seed recipe (InternVL2-1B + ui-dataset) as a DVC experiment
-	eval dvc exp run -n internvl2-1b-ui $$(python -m internvl_sft.preset $(PRESET))
+real: $(STAMP) ## run a preset as a DVC experiment (PRESET=presets/internvl2-1b-ui.yaml: the seed recipe)
+	bash shell/run_preset.sh $(PRESET)

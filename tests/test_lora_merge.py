@@ -6,12 +6,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from internvl_sft.config import LoraConfig, TrainConfig
+from internvl_sft.config import LoraConfig, TrainConfig, gradient_accumulation
 from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import load_model, load_tokenizer, prepare_for_training
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.stages import merge
-from internvl_sft.stages.train import gradient_accumulation
 
 CORPUS = ("操作：点击\n参数：[481, 472]", "请根据屏幕截图，执行任务：点击微信app图标") * 4
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

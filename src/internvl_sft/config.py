@@ -134,6 +134,17 @@ class Params:
     eval: EvalConfig = EvalConfig()
 
 
+def gradient_accumulation(global_batch: int, per_device: int, processes: int) -> int:
+    """Keep the global batch fixed whatever the GPU count, as the upstream launcher does."""
+    per_step = per_device * processes
+    if global_batch % per_step:
+        raise ValueError(
+            f"params: train: global_batch_size {global_batch} is not a multiple of "
+            f"per_device_batch_size {per_device} x {processes} process(es)"
+        )
+    return global_batch // per_step
+
+
 def load_params(path: str | Path) -> Params:
     """Read params.yaml into `Params`; every key must be known and well-typed."""
     path = Path(path)

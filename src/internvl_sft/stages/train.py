@@ -20,7 +20,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from internvl_sft.config import Params, load_params, to_dict
+from internvl_sft.config import Params, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate
 from internvl_sft.model.load import (
     load_model,
@@ -56,17 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def gradient_accumulation(global_batch: int, per_device: int, processes: int) -> int:
-    """Keep the global batch fixed whatever the GPU count, as the upstream launcher does."""
-    per_step = per_device * processes
-    if global_batch % per_step:
-        raise ValueError(
-            f"params: train: global_batch_size {global_batch} is not a multiple of "
-            f"per_device_batch_size {per_device} x {processes} process(es)"
-        )
-    return global_batch // per_step
 
 
 def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dtype) -> TrainingArguments:
