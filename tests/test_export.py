@@ -23,7 +23,7 @@ TOUCHED = "language_model.model.layers.0."  # an LLM layer that LoRA changes
 UNTOUCHED = "vision_model.encoder.layers.0.attn.qkv.weight"
 
 
-def merged_model(root, llm: str):
+def merged_model(root, llm: str, randomize_lora_b):
     """Base upstream folder (with a remote-code file), its native conversion, and a merged random adapter."""
     sizes = TinySizes(vocab_size=300, llm=llm, llm_heads=8, llm_kv_heads=2, vision_hidden=32, vision_heads=2,
                       vision_mlp=64, image_size=56)
@@ -31,11 +31,7 @@ def merged_model(root, llm: str):
     (root / "upstream" / "modeling_internvl_chat.py").write_text(REMOTE_CODE, encoding="utf-8")
     upstream_to_native(root / "upstream", root / "native")
     model = prepare_for_training(load_model(root / "native"), RECIPE)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    randomize_lora_b(model)
     model.save_pretrained(root / "adapter")
     (root / "params.yaml").write_text("merge:\n  dtype: auto\n", encoding="utf-8")
     merge.main(["--params", str(root / "params.yaml"), "--model", str(root / "native"),
@@ -46,8 +42,8 @@ def merged_model(root, llm: str):
 
 
 @pytest.fixture(scope="module", params=["qwen2", "internlm2"])
-def exported(request, tmp_path_factory):
-    return merged_model(tmp_path_factory.mktemp(request.param), request.param)
+def exported(request, tmp_path_factory, random_lora_b):
+    return merged_model(tmp_path_factory.mktemp(request.param), request.param, random_lora_b)
 
 
 def test_exported_weights_are_the_merged_weights_in_upstream_layout(exported):
