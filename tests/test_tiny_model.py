@@ -209,3 +209,20 @@ def test_vocab_below_the_byte_alphabet_is_refused():
 def test_chat_template_for_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="Hermes-2, internlm2-chat, phi3-chat"):
         chat_template_for("vicuna")
+
+
+def test_llm_vocabulary_pads_beyond_the_tokenizer_as_real_checkpoints_do(tmp_path, tokenizer):
+    padded = len(tokenizer) + 37
+    folder = tmp_path / "padded"
+    build_tiny_checkpoint(folder, corpus=CORPUS, seed=0, sizes=TinySizes(vocab_size=400, llm_vocab_size=padded))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert config["llm_config"]["vocab_size"] == padded
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("language_model.model.embed_tokens.weight").get_shape()[0] == padded
+        assert f.get_slice("language_model.lm_head.weight").get_shape()[0] == padded
+
+
+def test_llm_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="llm_vocab_size"):
+        build_tiny_checkpoint(tmp_path / "small", corpus=CORPUS, seed=0,
+                              sizes=TinySizes(vocab_size=400, llm_vocab_size=len(tokenizer) - 1))

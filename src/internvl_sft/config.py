@@ -42,6 +42,7 @@ class TinyModel:
     seed: int = 0
     llm: Literal["qwen2", "internlm2", "phi3"] = "qwen2"
     vocab_size: int = 1200
+    llm_vocab_size: int = 0
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4

@@ -48,6 +48,7 @@ class TinySizes:
     """Sizes of the tiny model; `llm` picks the LLM family, every other setting is that InternVL2 size's."""
 
     vocab_size: int = 1200  # learned BPE tokens; the LLM vocabulary adds the special tokens
+    llm_vocab_size: int = 0  # rows of the embedding and head; 0: the tokenizer's size (larger pads, as real models do)
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
@@ -96,6 +97,8 @@ class TinySizes:
             raise ValueError("pretrained.tiny: llm_heads must be a multiple of llm_kv_heads")
         if (self.patches_per_side * self.downsample_ratio) % 1:
             raise ValueError("pretrained.tiny: patches per side times downsample_ratio must be an integer")
+        if self.llm_vocab_size < 0:
+            raise ValueError("pretrained.tiny: llm_vocab_size must be 0 (the tokenizer's size) or a row count")
         if self.llm not in TINY_LLMS:
             raise ValueError(f"pretrained.tiny: llm {self.llm!r} is not one of {', '.join(TINY_LLMS)}")
         get_template(self.template_name)
@@ -509,6 +512,16 @@ def special_ids(tokenizer: Tokenizer, spec: TokenizerSpec, template: str) -> Spe
     return SpecialIds(bos=bos, eos=tokenizer.token_to_id(spec.eos), pad=tokenizer.token_to_id(spec.pad), stop=stop)
 
 
+def llm_vocab(sizes: TinySizes, tokenizer_size: int) -> int:
+    """Embedding rows: the tokenizer's size, or more where `llm_vocab_size` pads the vocabulary."""
+    if not sizes.llm_vocab_size:
+        return tokenizer_size
+    if sizes.llm_vocab_size < tokenizer_size:
+        raise ValueError(f"pretrained.tiny: llm_vocab_size {sizes.llm_vocab_size} is below the tokenizer's "
+                         f"{tokenizer_size} tokens")
+    return sizes.llm_vocab_size
+
+
 def build_tiny_checkpoint(out_dir: Path, *, corpus: Iterable[str], seed: int, sizes: TinySizes) -> None:
     """Write a tiny InternVL2 checkpoint (upstream layout, LLM family `sizes.llm`) into `out_dir`.
 
@@ -520,7 +533,7 @@ def build_tiny_checkpoint(out_dir: Path, *, corpus: Iterable[str], seed: int, si
     out_dir.mkdir(parents=True, exist_ok=True)
     family, template = sizes.family, sizes.template_name
     tokenizer = train_tokenizer([*corpus, get_template(template).system_prompt], sizes.vocab_size, family.tokenizer)
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab = llm_vocab(sizes, tokenizer.get_vocab_size(with_added_tokens=True))
     ids = special_ids(tokenizer, family.tokenizer, template)
     save_tokenizer(tokenizer, out_dir, chat_template_for(template), family.tokenizer)
     write_json(out_dir / "config.json", chat_config(sizes, family.config(sizes, vocab, ids)))

@@ -38,6 +38,7 @@ DEEPSPEED_CONFIGS = {
     "zero3": "shell/zero_stage3_config.json",
 }
 RESOLVED_PARAMS = "train_params.json"
+RUN_SUMMARY = "train_summary.json"  # throughput, wall time, peak GPU memory
 RUN_FINGERPRINT = "run_fingerprint.txt"
 
 
@@ -162,8 +163,27 @@ def checkpoint_to_resume(checkpoint_dir: Path, fingerprint: str) -> str | None:
     return get_last_checkpoint(str(checkpoint_dir))
 
 
-def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace) -> None:
-    """Write the (best) adapter and the resolved parameters, then publish them in one rename.
+def peak_gpu_memory_gib() -> float | None:
+    """Peak memory allocated by tensors on this process's GPU (None on a CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def run_summary(metrics: dict, trainer: Trainer) -> dict:
+    """Throughput, wall time and memory of the run, as written next to the adapter."""
+    return {
+        "train_runtime_s": metrics.get("train_runtime"),
+        "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "train_steps": trainer.state.global_step,
+        "world_size": world_size(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "peak_gpu_memory_gib_rank0": peak_gpu_memory_gib(),
+    }
+
+
+def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace, summary: dict) -> None:
+    """Write the (best) adapter, the resolved parameters and the run summary, then publish them in one rename.
 
     Every rank takes part in `save_model`: under ZeRO-3 that is where the partitioned weights are gathered.
     """
@@ -176,6 +196,7 @@ def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace) -> 
     if trainer.is_world_process_zero():
         resolved = {"base_model": str(args.model), "params": to_dict(params), "world_size": world_size()}
         (staging / RESOLVED_PARAMS).write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
+        (staging / RUN_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         publish(staging, final)
 
 
@@ -208,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         last = checkpoint_to_resume(Path(args.checkpoint_dir), run_fingerprint(params, args))
     if last:
         print(f"resuming from {last}", flush=True)
-    trainer.train(resume_from_checkpoint=last)
-    save_adapter(trainer, params, args)
+    result = trainer.train(resume_from_checkpoint=last)
+    summary = run_summary(result.metrics, trainer)
+    print(json.dumps(summary), flush=True)
+    save_adapter(trainer, params, args, summary)
 
 
 if __name__ == "__main__":
