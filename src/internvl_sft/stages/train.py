@@ -90,6 +90,7 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable (LoRA / projector) weight is used in each step
         deepspeed=deepspeed,
         report_to=["tensorboard"],
         disable_tqdm=False,
