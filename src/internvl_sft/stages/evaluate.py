@@ -29,6 +29,7 @@ from internvl_sft.metrics import (
 )
 from internvl_sft.model.load import load_model, load_tokenizer, read_sidecar, resolve_dtype
 from internvl_sft.paths import atomic_write_text
+from internvl_sft.report import write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="merged fine-tuned model directory")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", required=True, help="per-sample predictions JSONL to write")
+    parser.add_argument("--report", required=True, help="HTML report to write (metrics tables, annotated screenshots)")
     return parser.parse_args(argv)
 
 
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(model_rows)
     atomic_write_text(Path(args.metrics), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(Path(args.predictions), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_report(results, rows, Path(args.report))
     print(json.dumps({k: {m: v.get(m) for m in ("all.action_acc", "all.point_error", "eval_loss")}
                       for k, v in results.items()}, indent=2))
 
