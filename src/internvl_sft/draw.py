@@ -88,9 +88,12 @@ class Painter:
         else:
             self.box(target, style)
 
+    def caption(self, text: str, style: Style) -> None:
+        self.captions.append((f"{style.tag}: {text}", style.colour))
+
     def action(self, action: Action, style: Style) -> None:
         if action.kind == TYPE:
-            self.captions.append((f"{style.tag}: {action.kind} {action.text or ''}".rstrip(), style.colour))
+            self.caption(f"{action.kind} {action.text or ''}".rstrip(), style)
         elif action.kind == SWIPE:
             self.arrow(self.pixel(action.points[0]), self.pixel(action.points[1]), style.colour)
         else:
@@ -156,12 +159,18 @@ def head_base(head: list[tuple[float, float]]) -> tuple[float, float]:
     return (head[1][0] + head[2][0]) / 2, (head[1][1] + head[2][1]) / 2
 
 
-def annotate(image: Image.Image, marks: Sequence[Mark], max_side: int | None = None) -> Image.Image:
-    """A copy of `image` (scaled to `max_side` when given) with every mark drawn in its style."""
+def annotate(image: Image.Image, marks: Sequence[Mark], max_side: int | None = None,
+             notes: Sequence[tuple[str, Style]] = ()) -> Image.Image:
+    """A copy of `image` (scaled to `max_side` when given) with every mark drawn in its style.
+
+    `notes` are extra captions, e.g. an answer that holds no action to draw.
+    """
     canvas = fit(image, max_side) if max_side else image.convert("RGB")
     painter = Painter(canvas.size)
     for target, style in marks:
         painter.mark(target, style)
+    for text, style in notes:
+        painter.caption(text, style)
     painter.draw_captions()
     layered = Image.alpha_composite(canvas.convert("RGBA"), painter.fills)
     return Image.alpha_composite(layered, painter.lines).convert("RGB")
