@@ -28,7 +28,17 @@ from tqdm import tqdm
 
 from internvl_sft.data.tiling import load_image
 from internvl_sft.draw import GROUND_TRUTH, PREDICTION, Mark, Target, annotate
-from internvl_sft.metrics import ACTOR, E2E, ERROR_NAMES, GROUNDING, IOU_HIT, POINT_RADII, Action, points_within
+from internvl_sft.metrics import (
+    ACTOR,
+    COORD_MAX,
+    E2E,
+    ERROR_NAMES,
+    GROUNDING,
+    IOU_HIT,
+    POINT_RADII,
+    Action,
+    points_within,
+)
 from internvl_sft.paths import atomic_write_text
 
 GALLERY_MODEL = "finetuned"
@@ -183,7 +193,7 @@ def judge(score: Mapping[str, Any]) -> Verdict:
     if score["point_error"] is None:
         return Verdict(True, 0.0, "correct")
     within = points_within(score, CORRECT_RADIUS)
-    return Verdict(within, min(1.0, score["point_error"] / 1000), f"point error {score['point_error']:.0f}")
+    return Verdict(within, min(1.0, score["point_error"] / COORD_MAX), f"point error {score['point_error']:.0f}")
 
 
 def target(value: Any) -> Target | None:
