@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real
+.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -57,6 +57,11 @@ tensorboard: $(STAMP) ## serve the training logs on localhost (PORT=10097)
 exp: $(STAMP) ## run a variant: make exp SET='train.learning_rate=1e-3'
 	dvc exp run $(foreach s,$(SET),-S $(s))
 	dvc exp show --no-pager
+
+# IMAGE and PROMPT reach the recipe through the environment, so quotes inside PROMPT need no escaping.
+demo: $(STAMP) ## ask the fine-tuned model: make demo IMAGE=shot.png PROMPT="..." (no PROMPT: chat)
+	@test -n "$$IMAGE" || { echo 'usage: make demo IMAGE=path/to/screenshot.png [PROMPT="..."]'; exit 2; }
+	python -m internvl_sft.demo --image "$$IMAGE" $${PROMPT:+--prompt "$$PROMPT"}
 
 real: $(STAMP) ## run a preset as a DVC experiment (PRESET=presets/internvl2-1b-ui.yaml: the seed recipe)
 	bash shell/run_preset.sh $(PRESET)

@@ -55,6 +55,8 @@ def test_repro_produces_merged_model_and_metrics(project):
     assert (dest / "work_dirs/merged_upstream/model.safetensors").exists()
     predictions = (dest / "work_dirs/eval/predictions.jsonl").read_text().splitlines()
     assert len(predictions) == metrics["finetuned"]["all.n"] + metrics["base"]["all.n"]
+    report = (dest / "work_dirs/eval/report.html").read_text(encoding="utf-8")
+    assert 'id="headline"' in report and report.count('<figure class="card') == metrics["finetuned"]["all.n"]
 
 
 def load_metrics(dest: Path) -> dict:
@@ -84,8 +86,37 @@ def test_second_repro_does_nothing(project):
         assert f"Stage '{stage}' didn't change, skipping" in out
 
 
-def test_experiment_variant_gets_its_own_metrics(project):
+@pytest.fixture(scope="module")
+def experiment(project):
+    """The repro result committed as the baseline, then a one-epoch variant run as the experiment `short`."""
     dest, env = project
+    run(["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qam", "baseline"], dest, env)
     run(["dvc", "exp", "run", "-n", "short", "-S", "train.num_train_epochs=1"], dest, env)
+    return dest, env
+
+
+def test_experiment_variant_gets_its_own_metrics(experiment):
+    dest, env = experiment
     text = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], dest, env).stdout))
     assert '"short"' in text and "all.action_acc" in text
+
+
+def test_metrics_diff_compares_the_task_metrics_of_both_revisions(experiment):
+    dest, env = experiment
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "short", "--all", "--json"], dest, env).stdout)
+    rows = diff["work_dirs/eval/metrics.json"]
+    for key in ("finetuned.eval_loss", "finetuned.all.action_acc", "finetuned.actor.invalid_param",
+                "finetuned.grounding.mean_iou", "base.all.n", "mean_point_baseline.all.point_error"):
+        assert isinstance(rows[key]["old"], (int, float)) and isinstance(rows[key]["new"], (int, float)), key
+    assert rows["finetuned.eval_loss"]["old"] != rows["finetuned.eval_loss"]["new"]
+
+
+def test_plots_diff_draws_the_train_loss_of_both_revisions(experiment):
+    dest, env = experiment
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "short", "--json"], dest, env).stdout)
+    assert not plots.get("errors")
+    (train_loss,) = plots["data"]["train loss"]
+    assert set(train_loss["revisions"]) == {"HEAD", "short"}
+    points = train_loss["content"]["data"]["values"]
+    assert {p["rev"] for p in points} == {"HEAD", "short"}
+    assert all(float(p["loss"]) > 0 for p in points)

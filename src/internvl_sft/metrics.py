@@ -28,6 +28,7 @@ CLICK, LONG_PRESS, SWIPE, TYPE = "点击", "长按", "滑动", "输入"
 POINT_COUNTS = {CLICK: 1, LONG_PRESS: 1, SWIPE: 2}
 ERROR_NAMES = ("invalid_format", "action_mismatch", "invalid_param", "input_mismatch")
 POINT_RADII = (50, 100)
+IOU_HIT = 0.5
 COORD_MAX = 1000.0
 
 GROUNDING_MARKER = "请根据屏幕截图，定位："
@@ -267,7 +268,7 @@ def _is_point_sample(score: Mapping[str, Any]) -> bool:
     return score["expected"]["kind"] in POINT_COUNTS
 
 
-def _within(score: Mapping[str, Any], radius: float) -> bool:
+def points_within(score: Mapping[str, Any], radius: float) -> bool:
     """A point sample whose every point lies within `radius`; wrong or invalid answers miss."""
     distances = score["point_distances"]
     return bool(distances) and all(distance <= radius for distance in distances)
@@ -289,7 +290,7 @@ def _action_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float | in
     metrics["action_acc"] = _rate(sum(s["action_match"] for s in scores), len(scores))
     metrics["input_acc"] = _rate(sum(s["error"] is None for s in typing_samples), len(typing_samples))
     for radius in POINT_RADII:
-        metrics[f"point_acc@{radius}"] = _rate(sum(_within(s, radius) for s in point_samples), len(point_samples))
+        metrics[f"point_acc@{radius}"] = _rate(sum(points_within(s, radius) for s in point_samples), len(point_samples))
     metrics["point_error"] = _mean(_point_errors(scores))
     return metrics
 
@@ -300,7 +301,7 @@ def _grounding_metrics(scores: Sequence[Mapping[str, Any]]) -> dict[str, float |
         "n": n,
         "parse_rate": _rate(sum(s["valid_format"] for s in scores), n),
         "mean_iou": _mean([s["iou"] for s in scores]),
-        "iou@0.5": _rate(sum(s["iou"] >= 0.5 for s in scores), n),
+        f"iou@{IOU_HIT}": _rate(sum(s["iou"] >= IOU_HIT for s in scores), n),
         "center_in_box": _rate(sum(s["center_in_box"] for s in scores), n),
     }
 

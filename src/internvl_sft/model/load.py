@@ -29,6 +29,10 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def attention_implementation() -> str:
     """flash-attn when it is installed and a GPU is present, else PyTorch sdpa."""
     if torch.cuda.is_available():

@@ -27,8 +27,9 @@ from internvl_sft.metrics import (
     score_sample,
     task_family,
 )
-from internvl_sft.model.load import load_model, load_tokenizer, read_sidecar, resolve_dtype
+from internvl_sft.model.load import inference_device, load_model, load_tokenizer, read_sidecar, resolve_dtype
 from internvl_sft.paths import atomic_write_text
+from internvl_sft.report import write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,11 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="merged fine-tuned model directory")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", required=True, help="per-sample predictions JSONL to write")
+    parser.add_argument("--report", required=True, help="HTML report to write (metrics tables, annotated screenshots)")
     return parser.parse_args(argv)
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.inference_mode()
@@ -81,7 +79,7 @@ def predict_all(predictor: Predictor, queries: list[Query], batch_size: int, des
 
 def evaluate_model(model_dir: str, label: str, samples, dataset, inputs: InputsConfig, cfg: EvalConfig,
                    sidecar: dict) -> tuple[dict, list[dict]]:
-    model = load_model(model_dir, resolve_dtype("auto")).to(device())
+    model = load_model(model_dir, resolve_dtype("auto")).to(inference_device())
     tokenizer = load_tokenizer(model_dir)
     loss = eval_loss(model, dataset, tokenizer.pad_token_id, cfg.batch_size)
     queries, answers = queries_and_answers(samples)
@@ -129,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.extend(model_rows)
     atomic_write_text(Path(args.metrics), json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(Path(args.predictions), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_report(results, rows, Path(args.report))
     print(json.dumps({k: {m: v.get(m) for m in ("all.action_acc", "all.point_error", "eval_loss")}
                       for k, v in results.items()}, indent=2))
 
