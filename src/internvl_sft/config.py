@@ -71,6 +71,7 @@ class PretrainedConfig:
     repo_id: str = "OpenGVLab/InternVL2-1B"
     revision: str = "main"
     local_path: str = ""
+    allow_pickle_weights: bool = False
     tiny: TinyModel = TinyModel()
 
 
