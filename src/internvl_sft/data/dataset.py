@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from internvl_sft.config import InputsConfig
+from internvl_sft.data.images import ImageProblem, load_image, oriented_size
 from internvl_sft.data.meta import DataError, Sample, load_meta, read_samples
 from internvl_sft.data.template import (
     IGNORE_INDEX,
@@ -29,7 +30,6 @@ from internvl_sft.data.template import (
     get_template,
     token_id,
 )
-from internvl_sft.data.images import ImageProblem, load_image, oriented_size
 from internvl_sft.data.tiling import dynamic_tiles, jpeg_degrade, tile_count, to_pixel_values
 
 # JPEG qualities drawn from when a dataset sets data_augment, as upstream.

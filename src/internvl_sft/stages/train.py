@@ -178,9 +178,10 @@ def checkpoint_to_resume(checkpoint_dir: Path, fingerprint: str) -> str | None:
 def is_complete_checkpoint(folder: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint whose state file parses was fully written."""
     try:
-        return "global_step" in json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and "global_step" in state
 
 
 def remove_incomplete_checkpoints(checkpoint_dir: Path) -> None:
