@@ -1,4 +1,7 @@
-"""Upstream InternVL2 layout <-> transformers-native InternVL, checked against the upstream block math."""
+"""Upstream InternVL2 layout <-> transformers-native InternVL, checked against the upstream block math.
+
+Checkpoints are untrusted input: weights come from safetensors (pickle only when allowed, and then tensors only)
+and no code found in a checkpoint folder is ever imported."""
 
 import json
 import shutil
@@ -16,7 +19,9 @@ from internvl_sft.model.convert import (
     upstream_to_native,
     upstream_to_native_state_dict,
 )
+from internvl_sft.model.load import load_model, load_tokenizer
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+from internvl_sft.stages.merge import merge_adapter
 
 CORPUS = ("What is this? A cat.", "操作：点击\n参数：[481, 472]", "请根据屏幕截图，执行任务") * 6
 FACTS_EXAMPLE = (
@@ -198,15 +203,6 @@ def test_sharded_checkpoint_converts_the_same(upstream, upstream_weights, model,
     assert all(torch.equal(reloaded[key], tensor) for key, tensor in model.state_dict().items())
 
 
-def test_pickle_weights_are_refused(upstream, tmp_path):
-    folder = tmp_path / "pickled"
-    shutil.copytree(upstream, folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickle weights are refused"):
-        upstream_to_native(folder, tmp_path / "native")
-    assert not (tmp_path / "native").exists()
-
-
 def test_unmapped_upstream_key_is_named(upstream_weights, upstream_config):
     weights = dict(upstream_weights) | {"vision_model.encoder.layers.0.attn.rope.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match=r"vision_model\.encoder\.layers\.0\.attn\.rope\.weight"):
@@ -237,3 +233,68 @@ def test_pixel_shuffle_v1_is_refused(upstream, tmp_path):
     (folder / "config.json").write_text(json.dumps(config | {"ps_version": "v1"}), encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"config\.json: ps_version 'v1'"):
         upstream_to_native(folder, tmp_path / "native")
+
+
+class RunsCode:
+    """A pickled object that, once unpickled, would create a file: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def pickled_copy(upstream, folder, weights) -> None:
+    shutil.copytree(upstream, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+
+
+def test_pickle_weights_convert_only_when_allowed(upstream, native, tmp_path):
+    pickled_copy(upstream, tmp_path / "pickled", load_file(str(upstream / "model.safetensors")))
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickle weights are refused.*allow_pickle_weights"):
+        upstream_to_native(tmp_path / "pickled", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    upstream_to_native(tmp_path / "pickled", tmp_path / "native", allow_pickle=True)
+    assert load_file(str(tmp_path / "native/model.safetensors")).keys() == load_file(
+        str(native / "model.safetensors")).keys()
+
+
+def test_pickle_that_runs_code_is_refused_even_when_allowed(upstream, tmp_path):
+    marker = tmp_path / "code-ran"
+    weights = dict(load_file(str(upstream / "model.safetensors"))) | {"payload": RunsCode(marker)}
+    pickled_copy(upstream, tmp_path / "evil", weights)
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused, it holds more than tensors"):
+        upstream_to_native(tmp_path / "evil", tmp_path / "native", allow_pickle=True)
+    assert not marker.exists() and not (tmp_path / "native").exists()
+
+
+def test_code_shipped_in_a_checkpoint_folder_is_never_imported(native, tmp_path):
+    folder = tmp_path / "with-code"
+    shutil.copytree(native, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil: pass\n")
+    auto_maps = {"config.json": {"AutoModelForImageTextToText": "modeling_evil.Evil"},
+                 "tokenizer_config.json": {"AutoTokenizer": ["modeling_evil.Evil", "modeling_evil.Evil"]}}
+    for name, auto_map in auto_maps.items():
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(config | {"auto_map": auto_map}))
+    assert type(load_model(folder)).__name__ == "InternVLForConditionalGeneration"
+    load_tokenizer(folder)
+    assert not marker.exists()
+
+
+def test_native_model_and_adapter_need_safetensors(native, tmp_path):
+    folder = tmp_path / "pickled-native"
+    shutil.copytree(native, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"no safetensors file for the model; pickle weights "
+                                                r"\(pytorch_model\.bin\) are refused"):
+        load_model(folder)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=r"no safetensors file for the adapter; pickle weights "
+                                                r"\(adapter_model\.bin\) are refused"):
+        merge_adapter(native, adapter, torch.float32)

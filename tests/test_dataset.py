@@ -53,7 +53,7 @@ def sample(images=(), question="点击", answer="A cat.", line=1, **settings) ->
     )
 
 
-def dataset(tokenizer, samples, max_seq_length=4096, **tiling) -> SupervisedDataset:
+def dataset(tokenizer, samples, max_seq_length=4096, too_long="truncate", **tiling) -> SupervisedDataset:
     settings = TilingSettings(tile_size=TILE, min_dynamic_patch=1, max_dynamic_patch=6, use_thumbnail=True)
     return SupervisedDataset(
         samples,
@@ -62,6 +62,7 @@ def dataset(tokenizer, samples, max_seq_length=4096, **tiling) -> SupervisedData
         TilingSettings(**{**settings.__dict__, **tiling}),
         num_image_token=TOKENS_PER_TILE,
         max_seq_length=max_seq_length,
+        too_long=too_long,
     )
 
 
@@ -159,6 +160,37 @@ def test_cut_before_any_answer_is_an_error(tokenizer, images):
     _, image_end = full_length(tokenizer, images, "A cat.")
     with pytest.raises(DataError, match="would leave no answer token"):
         dataset(tokenizer, [sample([images["square"]])], max_seq_length=image_end + 1)
+
+
+def test_too_long_drop_leaves_out_every_long_sample_and_says_so(tokenizer, images, capsys):
+    answer = "操作：点击\n参数：[481, 472] " * 4
+    length, _ = full_length(tokenizer, images, answer)
+    samples = [sample([images["square"]], answer=answer, line=3), sample([images["square"]], line=4)]
+    data = dataset(tokenizer, samples, max_seq_length=length - 5, too_long="drop")
+    assert [s.line for s in data.samples] == [4] and len(data.lengths) == len(data) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 sample(s) left out:" in err
+    assert f"data/ui.jsonl:3: {length} tokens exceed max_seq_length {length - 5}; sample left out" in err
+    with pytest.raises(DataError, match="every sample was left out"):
+        dataset(tokenizer, samples[:1], max_seq_length=length - 5, too_long="drop")
+
+
+def test_image_gone_before_training_leaves_its_sample_out(tokenizer, images, capsys):
+    images["tall"].unlink()
+    data = dataset(tokenizer, [sample([images["tall"]], line=2), sample([images["square"]], line=5)])
+    assert [s.line for s in data.samples] == [5]
+    assert f"data/ui.jsonl:2: image {images['tall']}: file not found; sample left out" in capsys.readouterr().err
+
+
+def test_image_broken_while_training_is_skipped_with_a_warning(tokenizer, images):
+    data = dataset(tokenizer, [sample([images["tall"]], line=2), sample([images["square"]], line=5)])
+    images["tall"].write_bytes(b"overwritten mid-run")
+    with pytest.warns(UserWarning, match=r"data/ui.jsonl:2: image .*tall.png: not an image file .*sample skipped"):
+        item = data[0]
+    assert torch.equal(item["input_ids"], data[1]["input_ids"])
+    images["square"].unlink()
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 2 samples can be loaded"):
+        data[0]
 
 
 def test_collate_pads_right_and_concatenates_tiles_in_sample_order(tokenizer, images):

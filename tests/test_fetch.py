@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 
-from internvl_sft.data.fetch import FetchError, download, extract_zip
+from internvl_sft.data.fetch import FetchError, copy_local, download, extract_zip
 
 
 def make_zip(members: dict[str, bytes]) -> bytes:
@@ -76,11 +76,24 @@ def test_escaping_members_are_refused(tmp_path, name):
     assert not (tmp_path / "evil.txt").exists()
 
 
-def test_symlink_member_is_refused(tmp_path):
-    archive = tmp_path / "link.zip"
+@pytest.mark.parametrize(("name", "mode"), [("link", 0o120777), ("tty", 0o020666), ("disk", 0o060660),
+                                           ("pipe", 0o010644)])
+def test_link_and_device_members_are_refused(tmp_path, name, mode):
+    archive = tmp_path / "special.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        info = zipfile.ZipInfo("link")
-        info.external_attr = (0o120777 << 16)
+        zf.writestr("ok.txt", b"1")
+        info = zipfile.ZipInfo(name)
+        info.external_attr = mode << 16
         zf.writestr(info, "/etc/passwd")
-    with pytest.raises(FetchError, match="link or special file"):
+    with pytest.raises(FetchError, match=rf"member '{name}' is a link or special file"):
         extract_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_folder_with_a_link_is_refused(tmp_path):
+    source = tmp_path / "dataset"
+    (source / "images").mkdir(parents=True)
+    (source / "images/a.png").symlink_to("/etc/passwd")
+    with pytest.raises(FetchError, match=r"images/a\.png: links and special files are refused"):
+        copy_local(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

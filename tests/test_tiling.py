@@ -9,8 +9,6 @@ from internvl_sft.data.tiling import (
     choose_grid,
     dynamic_tiles,
     jpeg_degrade,
-    load_image,
-    oriented_size,
     tile_count,
     to_pixel_values,
 )
@@ -99,24 +97,6 @@ def test_pixel_values_convert_to_rgb():
     pixels = to_pixel_values([Image.new("L", (4, 4), 255)], 4)
     expected = [(1 - mean) / std for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD)]
     assert torch.allclose(pixels[0, :, 0, 0], torch.tensor(expected), atol=1e-6)
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    path = tmp_path / "rotated.jpg"
-    image = Image.new("RGB", (40, 20), RED)
-    exif = image.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    image.save(path, exif=exif)
-    assert load_image(path).size == (20, 40)
-    assert oriented_size(path) == (20, 40)
-    assert load_image(path).mode == "RGB"
-
-
-def test_plain_image_size_and_mode(tmp_path):
-    path = tmp_path / "plain.png"
-    Image.new("RGBA", (30, 10), (1, 2, 3, 4)).save(path)
-    assert oriented_size(path) == (30, 10)
-    assert load_image(path).mode == "RGB"
 
 
 def test_jpeg_degrade_keeps_size_and_mode():

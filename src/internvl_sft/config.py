@@ -27,6 +27,15 @@ class SyntheticData:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """What the data stage does with bad samples, and the image sizes it accepts."""
+
+    on_bad_sample: Literal["error", "skip"] = "error"
+    min_image_side: int = 10
+    max_image_pixels: int = 89_478_485
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the dataset comes from. `synthetic` needs no network."""
 
@@ -35,6 +44,7 @@ class DataConfig:
     sha256: str = ""
     local_path: str = ""
     synthetic: SyntheticData = SyntheticData()
+    validation: ValidationConfig = ValidationConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +73,7 @@ class PretrainedConfig:
     repo_id: str = "OpenGVLab/InternVL2-1B"
     revision: str = "main"
     local_path: str = ""
+    allow_pickle_weights: bool = False
     tiny: TinyModel = TinyModel()
 
 
@@ -76,6 +87,7 @@ class InputsConfig:
     max_dynamic_patch: int = 6
     use_thumbnail: bool = True
     max_seq_length: int = 4096
+    too_long: Literal["truncate", "drop"] = "truncate"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from internvl_sft.config import load_params
 from internvl_sft.data.template import IMAGE_PLACEHOLDER
-from internvl_sft.data.tiling import load_image
+from internvl_sft.data.images import load_image
 from internvl_sft.draw import PREDICTION, Target, annotate
 from internvl_sft.infer import Predictor, Query
 from internvl_sft.metrics import Action, parse_action, parse_box

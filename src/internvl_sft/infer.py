@@ -11,8 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from internvl_sft.config import InputsConfig
 from internvl_sft.data.dataset import image_geometry, tiling_settings
+from internvl_sft.data.images import load_image
 from internvl_sft.data.template import encode_prompt, get_template
-from internvl_sft.data.tiling import load_image, to_pixel_values
+from internvl_sft.data.tiling import to_pixel_values
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from internvl_sft.data.tiling import load_image
+from internvl_sft.data.images import load_image
 from internvl_sft.draw import GROUND_TRUTH, PREDICTION, Mark, Target, annotate
 from internvl_sft.metrics import (
     ACTOR,

@@ -8,6 +8,8 @@ order, which is the order of the image tokens in the flattened batch.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from internvl_sft.config import InputsConfig
+from internvl_sft.data.images import ImageProblem, load_image, oriented_size
 from internvl_sft.data.meta import DataError, Sample, load_meta, read_samples
 from internvl_sft.data.template import (
     IGNORE_INDEX,
@@ -27,14 +30,7 @@ from internvl_sft.data.template import (
     get_template,
     token_id,
 )
-from internvl_sft.data.tiling import (
-    dynamic_tiles,
-    jpeg_degrade,
-    load_image,
-    oriented_size,
-    tile_count,
-    to_pixel_values,
-)
+from internvl_sft.data.tiling import dynamic_tiles, jpeg_degrade, tile_count, to_pixel_values
 
 # JPEG qualities drawn from when a dataset sets data_augment, as upstream.
 JPEG_QUALITIES = (75, 100)
@@ -73,11 +69,18 @@ class TilingSettings:
         return dynamic_tiles(image, **self.options_for(image_count, max_dynamic_patch))
 
 
+class TooLong(DataError):
+    """A sample over max_seq_length, left out because `too_long` is `drop`."""
+
+
 class SupervisedDataset(Dataset):
     """Checked samples as dicts of input_ids, labels, pixel_values (or None) and num_tiles.
 
     Every sample is measured when the dataset is built, from image headers and the tokenizer only, so a
-    sample that cannot fit max_seq_length fails before training starts, and `lengths` is exact.
+    sample that cannot fit max_seq_length fails before training starts, and `lengths` is exact. A sample is
+    left out, with a message, when it is too long and `too_long` is `drop`, or when one of its images can no
+    longer be read (the data stage checked them all, so the file changed since). An image that breaks while
+    training runs makes the next sample stand in for that one, with a warning: the run goes on.
     """
 
     def __init__(
@@ -89,15 +92,16 @@ class SupervisedDataset(Dataset):
         *,
         num_image_token: int,
         max_seq_length: int,
+        too_long: str = "truncate",
     ):
-        self.samples = list(samples)
         self.tokenizer = tokenizer
         self.template = template
         self.tiling = tiling
         self.num_image_token = num_image_token
         self.max_seq_length = max_seq_length
+        self.too_long = too_long
         self.image_end_id = token_id(tokenizer, IMG_END)
-        self._lengths = self.measure_lengths()
+        self.samples, self._lengths = self.measure(list(samples))
 
     @property
     def lengths(self) -> list[int]:
@@ -108,7 +112,15 @@ class SupervisedDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
+        for offset in range(len(self.samples)):
+            sample = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self.item(sample)
+            except (ImageProblem, DataError) as err:
+                warnings.warn(f"{sample.where}: {err}; sample skipped, the next one stands in", stacklevel=2)
+        raise DataError([f"none of the {len(self.samples)} samples can be loaded any more"])
+
+    def item(self, sample: Sample) -> dict:
         tiles_per_image = [self.image_tiles(load_image(path), sample) for path in sample.images]
         encoded = self.encode(sample, [len(tiles) for tiles in tiles_per_image])
         tiles = [tile for tiles in tiles_per_image for tile in tiles]
@@ -145,6 +157,8 @@ class SupervisedDataset(Dataset):
         if len(encoded.input_ids) <= limit:
             return encoded
         where = f"{sample.where}: {len(encoded.input_ids)} tokens exceed max_seq_length {limit}"
+        if self.too_long == "drop":
+            raise TooLong([f"{where}; sample left out (inputs.too_long: drop)"])
         if self.image_end_id in encoded.input_ids[limit:]:
             raise DataError([f"{where} and cutting there would split or drop an image"])
         labels = encoded.labels[:limit]
@@ -152,18 +166,35 @@ class SupervisedDataset(Dataset):
             raise DataError([f"{where} and cutting there would leave no answer token"])
         return Encoded(encoded.input_ids[:limit], labels)
 
-    def measure_lengths(self) -> list[int]:
+    def measure(self, samples: list[Sample]) -> tuple[list[Sample], list[int]]:
+        """The samples kept and their token counts; every sample that cannot be cut safely is an error."""
+        kept: list[Sample] = []
         lengths: list[int] = []
         problems: list[str] = []
-        for sample in self.samples:
+        left_out: list[str] = []
+        for sample in samples:
             try:
                 tiles = [self.count_tiles(path, sample) for path in sample.images]
                 lengths.append(len(self.encode(sample, tiles).input_ids))
+                kept.append(sample)
+            except ImageProblem as err:
+                left_out.append(f"{sample.where}: {err}; sample left out")
+            except TooLong as err:
+                left_out.extend(err.problems)
             except DataError as err:
                 problems.extend(err.problems)
+        if samples and not kept:
+            problems += left_out + ["every sample was left out"]
         if problems:
             raise DataError(problems)
-        return lengths
+        report_left_out(left_out, len(samples))
+        return kept, lengths
+
+
+def report_left_out(left_out: list[str], total: int) -> None:
+    if left_out:
+        listed = "".join(f"\n  {line}" for line in left_out)
+        print(f"{len(left_out)} of {total} sample(s) left out:{listed}", file=sys.stderr, flush=True)
 
 
 def random_jpeg_quality() -> int:
@@ -247,4 +278,5 @@ def build_dataset(
         tiling_settings(inputs, sidecar),
         num_image_token=num_image_token,
         max_seq_length=inputs.max_seq_length,
+        too_long=inputs.too_long,
     )

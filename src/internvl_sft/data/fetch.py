@@ -88,11 +88,19 @@ def extract_zip(archive: Path, target: Path) -> None:
                 shutil.copyfileobj(src, dst)
 
 
+def check_plain_tree(folder: Path) -> None:
+    """Refuse links and special files in a dataset folder, as in an archive: a link could name any file."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise FetchError(f"{path}: links and special files are refused in a dataset folder")
+
+
 def copy_local(source: Path, target: Path) -> None:
     """Use a local zip archive or an already unpacked dataset folder."""
     if not source.exists():
         raise FetchError(f"params: data: local_path {source} does not exist")
     if source.is_dir():
+        check_plain_tree(source)
         shutil.copytree(source, target, dirs_exist_ok=True)
     else:
         extract_zip(source, target)

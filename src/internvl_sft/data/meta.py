@@ -67,6 +67,38 @@ class Sample:
         return f"{self.source}:{self.line}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Why one annotation line is not a usable sample."""
+
+    source: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+def utf8_problem(raw: bytes) -> str | None:
+    """Why `raw` is not UTF-8 text (None when it is)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+    return None
+
+
+def is_text(value: Any) -> bool:
+    """A string that can be written as UTF-8 (JSON escapes can produce lone surrogates, which cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -89,7 +121,11 @@ META_KEYS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
 def load_meta(meta_path: Path) -> list[DatasetSpec]:
     """Every dataset of a meta file, in file order; all problems of the file are reported at once."""
     meta_path = Path(meta_path)
-    text = meta_path.read_text(encoding="utf-8")
+    raw_bytes = meta_path.read_bytes()
+    for number, line in enumerate(raw_bytes.split(b"\n"), start=1):
+        if reason := utf8_problem(line):
+            raise DataError([f"{meta_path}:{number}: {reason}"])
+    text = raw_bytes.decode("utf-8")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
@@ -147,19 +183,25 @@ def read_samples(spec: DatasetSpec, seed: int) -> list[Sample]:
     The integer part of repeat_time repeats every sample; the fractional part adds that fraction of the
     samples (rounded down), drawn without replacement by a generator seeded with `seed` and the dataset name.
     """
+    samples, problems = scan_annotation(spec)
+    if problems:
+        raise DataError([str(problem) for problem in problems])
+    return repeat(samples, spec.repeat_time, random.Random(f"{seed}:{spec.name}"))
+
+
+def scan_annotation(spec: DatasetSpec) -> tuple[list[Sample], list[Problem]]:
+    """Every line of a dataset's annotation file, once: the valid samples and the problems of the others."""
     if not spec.annotation.is_file():
         raise DataError([f"{spec.annotation}: annotation file of dataset {spec.name!r} not found"])
-    problems: list[str] = []
+    problems: list[Problem] = []
     samples: list[Sample] = []
-    with spec.annotation.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if text.strip():
-                sample = parse_line(spec, number, text, problems)
+    with spec.annotation.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                sample = parse_line(spec, number, raw, problems)
                 if sample is not None:
                     samples.append(sample)
-    if problems:
-        raise DataError(problems)
-    return repeat(samples, spec.repeat_time, random.Random(f"{seed}:{spec.name}"))
+    return samples, problems
 
 
 def repeat(samples: list[Sample], repeat_time: float, rng: random.Random) -> list[Sample]:
@@ -169,16 +211,11 @@ def repeat(samples: list[Sample], repeat_time: float, rng: random.Random) -> lis
     return samples * copies + [samples[index] for index in chosen]
 
 
-def parse_line(spec: DatasetSpec, number: int, text: str, problems: list[str]) -> Sample | None:
-    """One annotation line as a Sample, or None after adding its problems (`file:line: reason`) to `problems`."""
-    where = f"{spec.annotation}:{number}"
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as err:
-        problems.append(f"{where}: invalid JSON: {err.msg} (column {err.colno})")
-        return None
-    reasons = item_problems(spec, item)
-    problems.extend(f"{where}: {reason}" for reason in reasons)
+def parse_line(spec: DatasetSpec, number: int, raw: bytes, problems: list[Problem]) -> Sample | None:
+    """One annotation line as a Sample, or None after adding its problems to `problems`."""
+    item, reasons = decode_line(raw)
+    reasons = reasons or item_problems(spec, item)
+    problems.extend(Problem(spec.annotation, number, reason) for reason in reasons)
     if reasons:
         return None
     images = image_list(item)
@@ -192,6 +229,18 @@ def parse_line(spec: DatasetSpec, number: int, text: str, problems: list[str]) -
         max_dynamic_patch=spec.max_dynamic_patch,
         data_augment=spec.data_augment,
     )
+
+
+def decode_line(raw: bytes) -> tuple[Any, list[str]]:
+    """The JSON value of an annotation line, or None and the reason why it has none."""
+    if reason := utf8_problem(raw):
+        return None, [reason]
+    try:
+        return json.loads(raw.decode("utf-8").rstrip("\r\n")), []
+    except json.JSONDecodeError as err:
+        return None, [f"invalid JSON: {err.msg} (column {err.colno})"]
+    except RecursionError:
+        return None, ["invalid JSON: nested too deeply"]
 
 
 def item_problems(spec: DatasetSpec, item: Any) -> list[str]:
@@ -211,9 +260,9 @@ def item_problems(spec: DatasetSpec, item: Any) -> list[str]:
 
 
 def image_field_problems(image: Any) -> list[str]:
-    if image is None or isinstance(image, str):
+    if image is None or is_text(image):
         return []
-    if isinstance(image, list) and all(isinstance(path, str) and path for path in image):
+    if isinstance(image, list) and all(is_text(path) and path for path in image):
         return []
     return ["'image' must be a path or a list of non-empty paths"]
 
@@ -232,6 +281,8 @@ def conversation_problems(conversations: Any) -> list[str]:
     for index, turn in enumerate(conversations, start=1):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             return [f"conversation turn {index} must be an object with string 'from' and 'value'"]
+        if not (is_text(turn["from"]) and is_text(turn["value"])):
+            return [f"conversation turn {index} holds a lone surrogate escape (not valid Unicode text)"]
     turns = [(turn["from"], turn["value"]) for turn in conversations]
     try:
         check_roles(turns)

@@ -7,17 +7,13 @@ cut row-major into tiles, and followed by a thumbnail of the whole image when th
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EXIF_ORIENTATION = 0x0112
-# EXIF orientations that turn the image by 90 degrees, swapping width and height.
-TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -89,21 +85,6 @@ def tile_tensor(tile: Image.Image, tile_size: int) -> torch.Tensor:
     if rgb.size != (tile_size, tile_size):
         rgb = rgb.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).to(torch.float32).div(255)
-
-
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB with its EXIF orientation applied (phone screenshots are often rotated)."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
-
-def oriented_size(path: Path) -> tuple[int, int]:
-    """(width, height) as `load_image` will return it, read from the file header only."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
-            return height, width
-        return width, height
 
 
 def jpeg_degrade(image: Image.Image, quality: int) -> Image.Image:

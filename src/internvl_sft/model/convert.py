@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -30,14 +31,13 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from internvl_sft.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 from internvl_sft.data.template import get_template
-from internvl_sft.model.load import SIDECAR
+from internvl_sft.model.load import PICKLE_SUFFIXES, SIDECAR
 from internvl_sft.model.templates import chat_template_for
 from internvl_sft.paths import atomic_dir
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt",
@@ -315,8 +315,9 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({error})") from None
 
 
-def weight_files(src_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (one file or shards listed by an index)."""
+def weight_files(src_dir: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint: safetensors (one file or shards listed by an index), or pickle files
+    when `allow_pickle` says so."""
     index = src_dir / SAFETENSORS_INDEX
     if index.exists():
         weight_map = read_json(index).get("weight_map")
@@ -326,20 +327,32 @@ def weight_files(src_dir: Path) -> list[Path]:
     if (src_dir / SAFETENSORS_FILE).exists():
         return [src_dir / SAFETENSORS_FILE]
     pickles = sorted(path for path in src_dir.glob("*") if path.suffix in PICKLE_SUFFIXES)
+    if pickles and allow_pickle:
+        return pickles
     if pickles:
         raise CheckpointError(
             f"{pickles[0]}: pickle weights are refused (loading them can run arbitrary code); "
-            "provide the checkpoint as safetensors"
+            "provide the checkpoint as safetensors, or set pretrained.allow_pickle_weights"
         )
     raise CheckpointError(f"{src_dir}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
 
 
-def read_weights(src_dir: Path) -> dict[str, torch.Tensor]:
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one weight file; a pickle file is read with torch's tensors-only unpickler."""
+    if path.suffix != ".safetensors":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{path}: refused, it holds more than tensors ({error})") from None
+    return load_file(str(path))
+
+
+def read_weights(src_dir: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
-    for path in weight_files(src_dir):
+    for path in weight_files(src_dir, allow_pickle):
         if not path.exists():
             raise CheckpointError(f"{path}: missing (listed in {SAFETENSORS_INDEX})")
-        shard = load_file(str(path))
+        shard = load_weight_file(path)
         repeated = sorted(state_dict.keys() & shard.keys())
         if repeated:
             raise CheckpointError(f"{path}: weight {repeated[0]} is also in another shard")
@@ -556,16 +569,17 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def upstream_to_native(src_dir: Path, dst_dir: Path) -> None:
+def upstream_to_native(src_dir: Path, dst_dir: Path, allow_pickle: bool = False) -> None:
     """Convert the upstream-layout checkpoint in `src_dir` into a complete native model folder `dst_dir`.
 
-    `dst_dir` is written through a temporary folder beside it and appears only when complete.
+    `dst_dir` is written through a temporary folder beside it and appears only when complete. Weights are read
+    from safetensors only unless `allow_pickle`; no code of `src_dir` is imported.
     """
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
     config_path = src_dir / "config.json"
     config = read_json(config_path)
     settings = upstream_settings(config, config_path)
-    weights = read_weights(src_dir)
+    weights = read_weights(src_dir, allow_pickle)
     try:
         native_weights = upstream_to_native_state_dict(weights, config["llm_config"])
     except CheckpointError as error:

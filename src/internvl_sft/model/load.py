@@ -19,6 +19,7 @@ VISION_PREFIX = "model.vision_tower"
 PROJECTOR_NAME = "multi_modal_projector"
 SIDECAR = "internvl_sft.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -44,10 +45,22 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def require_safetensors(folder: str | Path, what: str) -> None:
+    """Refuse weights that are not safetensors: unpickling a .bin / .pt file can run arbitrary code."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(path.name for path in folder.glob("*") if path.suffix in PICKLE_SUFFIXES)
+    refused = f"; pickle weights ({', '.join(pickles)}) are refused" if pickles else ""
+    raise FileNotFoundError(f"{folder}: no safetensors file for the {what}{refused}")
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a native InternVL model (safetensors only; no code from the checkpoint is run)."""
+    require_safetensors(model_dir, "model")
     return AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=attention_implementation(), use_safetensors=True
+        model_dir, dtype=dtype, attn_implementation=attention_implementation(), use_safetensors=True,
+        trust_remote_code=False,
     )
 
 
@@ -58,7 +71,8 @@ def saved_dtype(model_dir: str | Path) -> torch.dtype:
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_dir)
+    """The tokenizer of a checkpoint folder, from transformers' own classes only (no code from the folder)."""
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def read_sidecar(model_dir: str | Path) -> dict:

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.max_samples:
         samples = samples[: cfg.max_samples]
     dataset = build_dataset(args.val_meta, tokenizer, sidecar, inputs, seed=params.train.seed, samples=samples)
+    samples = dataset.samples
     queries, answers = queries_and_answers(samples)
     results = {"mean_point_baseline": mean_point_metrics(read_meta_samples(args.train_meta, seed=params.train.seed), queries,
                                                          answers)}

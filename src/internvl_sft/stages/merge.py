@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from internvl_sft.config import load_params
 from internvl_sft.model.convert import copy_tokenizer_files
-from internvl_sft.model.load import DTYPES, SIDECAR, load_model, saved_dtype
+from internvl_sft.model.load import DTYPES, SIDECAR, load_model, require_safetensors, saved_dtype
 from internvl_sft.paths import atomic_dir
 
 # Files of the base model directory that describe inputs rather than weights.
@@ -38,6 +38,7 @@ def merged_dtype(name: str, base_dir: Path) -> torch.dtype:
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     """Load base + adapter in fp32 (exact merge arithmetic), merge, then cast to the output dtype."""
+    require_safetensors(adapter_dir, "adapter")
     base = load_model(base_dir, torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.text_config.use_cache = True

@@ -15,6 +15,7 @@ from pathlib import Path
 from internvl_sft.config import PretrainedConfig, load_params
 from internvl_sft.data.synthetic import LEXICON
 from internvl_sft.model.convert import upstream_to_native
+from internvl_sft.model.load import PICKLE_SUFFIXES
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.paths import atomic_dir
 
@@ -37,8 +38,10 @@ def tiny_sizes(cfg: PretrainedConfig) -> TinySizes:
 def download_from_hub(cfg: PretrainedConfig, folder: Path) -> None:
     from huggingface_hub import snapshot_download
 
-    snapshot_download(repo_id=cfg.repo_id, revision=cfg.revision, local_dir=folder,
-                      allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken"])
+    patterns = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken"]
+    if cfg.allow_pickle_weights:
+        patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+    snapshot_download(repo_id=cfg.repo_id, revision=cfg.revision, local_dir=folder, allow_patterns=patterns)
 
 
 def fill_upstream(folder: Path, cfg: PretrainedConfig) -> None:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_params(args.params).pretrained
     with atomic_dir(Path(args.upstream)) as tmp:
         fill_upstream(tmp, cfg)
-    upstream_to_native(Path(args.upstream), Path(args.native))
+    upstream_to_native(Path(args.upstream), Path(args.native), allow_pickle=cfg.allow_pickle_weights)
     print(f"native model written to {args.native}")
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from internvl_sft.config import Params, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate
@@ -30,7 +31,7 @@ from internvl_sft.model.load import (
     resolve_dtype,
     trainable_summary,
 )
-from internvl_sft.paths import publish, staging_dir
+from internvl_sft.paths import atomic_write_text, publish, staging_dir
 
 DEEPSPEED_CONFIGS = {
     "zero1": "shell/zero_stage1_config.json",
@@ -154,14 +155,32 @@ def run_fingerprint(params: Params, args: argparse.Namespace) -> str:
 
 
 def checkpoint_to_resume(checkpoint_dir: Path, fingerprint: str) -> str | None:
-    """The last checkpoint of the same run, if any; checkpoints of another run are deleted."""
+    """The last complete checkpoint of the same run, if any; checkpoints of another run are deleted."""
     stamp = checkpoint_dir / RUN_FINGERPRINT
     if checkpoint_dir.is_dir() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
         print(f"{checkpoint_dir}: checkpoints of a different run; starting afresh", flush=True)
         shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint + "\n")
+    atomic_write_text(stamp, fingerprint + "\n")
+    remove_incomplete_checkpoints(checkpoint_dir)
     return get_last_checkpoint(str(checkpoint_dir))
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint whose state file parses was fully written."""
+    try:
+        state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def remove_incomplete_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete checkpoints a killed process left half-written, so the run resumes from the last whole one."""
+    for folder in sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        if folder.is_dir() and not is_complete_checkpoint(folder):
+            print(f"{folder}: incomplete checkpoint (interrupted while saving); removed", flush=True)
+            shutil.rmtree(folder)
 
 
 def peak_gpu_memory_gib() -> float | None:

@@ -1,0 +1,123 @@
+"""A training process killed with SIGKILL resumes from its last complete checkpoint and ends exactly where an
+uninterrupted run ends: same adapter tensors, same evaluation losses (CPU, fixed seed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_project import ROOT, tiny_project
+
+from internvl_sft.stages.train import checkpoint_to_resume, is_complete_checkpoint
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(project, run: Path) -> list[str]:
+    """The train stage's command line of dvc.yaml, with this run's output folders."""
+    data = project.dataset / "meta"
+    return [
+        "bash", str(ROOT / "shell/train.sh"), "--params", str(project.params),
+        "--train-meta", str(data / "ui_dataset.json"), "--val-meta", str(data / "ui_dataset_eval.json"),
+        "--model", str(project.native), "--adapter-dir", str(run / "adapter"),
+        "--checkpoint-dir", str(run / "checkpoints"), "--log-dir", str(run / "tensorboard"),
+        "--curves-dir", str(run / "curves"),
+    ]
+
+
+def environment() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT / "src"),
+        "GPUS": "1",
+        "MASTER_PORT": str(free_port()),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
+def train(project, run: Path) -> str:
+    result = subprocess.run(train_command(project, run), cwd=ROOT, env=environment(), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr
+
+
+def kill_after_first_checkpoint(project, run: Path) -> None:
+    """Start training, wait for a complete checkpoint, then SIGKILL the launcher and all its children."""
+    process = subprocess.Popen(train_command(project, run), cwd=ROOT, env=environment(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while not any(is_complete_checkpoint(path) for path in (run / "checkpoints").glob("checkpoint-*")):
+            assert process.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run / "adapter").exists(), "the run was killed too late to test resuming"
+
+
+def eval_losses(run: Path) -> list[str]:
+    return (run / "curves/eval.csv").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return tiny_project(tmp_path_factory.mktemp("resume"))
+
+
+def test_killed_training_resumes_to_the_same_adapter(project, tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    train(project, reference)
+    kill_after_first_checkpoint(project, interrupted)
+    log = train(project, interrupted)
+    assert "resuming from" in log
+    expected = load_file(reference / "adapter/adapter_model.safetensors")
+    resumed = load_file(interrupted / "adapter/adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    assert eval_losses(interrupted) == eval_losses(reference)
+
+
+def write_checkpoint(folder: Path, state: str | None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+
+
+def test_checkpoint_cut_while_saving_is_removed_and_the_previous_one_used(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint(checkpoints / "checkpoint-2", json.dumps({"global_step": 2}))
+    write_checkpoint(checkpoints / "checkpoint-4", '{"global_st')
+    write_checkpoint(checkpoints / "checkpoint-6", None)
+    (checkpoints / "run_fingerprint.txt").write_text("abc\n")
+    assert checkpoint_to_resume(checkpoints, "abc") == str(checkpoints / "checkpoint-2")
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "run_fingerprint.txt"]
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint(checkpoints / "checkpoint-2", json.dumps({"global_step": 2}))
+    (checkpoints / "run_fingerprint.txt").write_text("other\n")
+    assert checkpoint_to_resume(checkpoints, "abc") is None
+    assert (checkpoints / "run_fingerprint.txt").read_text() == "abc\n"
+    assert not (checkpoints / "checkpoint-2").exists()

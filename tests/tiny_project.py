@@ -1,0 +1,59 @@
+"""A miniature embedded-default project for tests that run stages: a params file with small sizes, then the
+data and pretrained stages run in-process on absolute paths (no working-directory change needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from internvl_sft.stages import data as data_stage
+from internvl_sft.stages import pretrained as pretrained_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "data": {"synthetic": {"train_screens": 4, "val_screens": 1}},
+    "inputs": {"max_dynamic_patch": 1},
+    "train": {"num_train_epochs": 3, "global_batch_size": 4, "per_device_batch_size": 4},
+}
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`base` with the keys of `override` replaced, nested sections merged key by key."""
+    result = dict(base)
+    for key, value in override.items():
+        result[key] = merged(base.get(key, {}), value) if isinstance(value, dict) else value
+    return result
+
+
+class TinyProject:
+    """The files of a miniature project under `root`, laid out as dvc.yaml lays them out."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.params = root / "params.yaml"
+        self.dataset = root / "data/ui-dataset"
+        self.report = root / "data/validation-report.json"
+        self.upstream = root / "pretrained/upstream"
+        self.native = root / "pretrained/native"
+
+    def write_params(self, override: dict) -> None:
+        base = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.params.write_text(yaml.safe_dump(merged(base, merged(SMALL, override))), encoding="utf-8")
+
+    def run_data(self) -> None:
+        data_stage.main(["--params", str(self.params), "--out", str(self.dataset), "--report", str(self.report)])
+
+    def run_pretrained(self) -> None:
+        pretrained_stage.main(["--params", str(self.params), "--upstream", str(self.upstream),
+                               "--native", str(self.native)])
+
+
+def tiny_project(root: Path, override: dict | None = None) -> TinyProject:
+    """Params, dataset and base model of a miniature embedded default under `root`."""
+    project = TinyProject(root)
+    project.write_params(override or {})
+    project.run_data()
+    project.run_pretrained()
+    return project
