@@ -72,7 +72,29 @@ def kill_after_first_checkpoint(project, run: Path) -> None:
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    assert wait_until_no_worker_of(run), "a torchrun worker outlived its killed launcher"
     assert not (run / "adapter").exists(), "the run was killed too late to test resuming"
+
+
+def workers_of(run: Path) -> list[int]:
+    """Processes whose command line names this run's folders (torchrun workers run in sessions of their own)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(run).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_until_no_worker_of(run: Path, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while workers_of(run):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def eval_losses(run: Path) -> list[str]:

@@ -32,6 +32,7 @@ from internvl_sft.model.load import (
     trainable_summary,
 )
 from internvl_sft.paths import atomic_write_text, publish, staging_dir
+from internvl_sft.process import die_with_launcher
 
 DEEPSPEED_CONFIGS = {
     "zero1": "shell/zero_stage1_config.json",
@@ -237,6 +238,7 @@ def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace, sum
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_launcher()
     args = parse_args(argv)
     params = load_params(args.params)
     set_seed(params.train.seed)
