@@ -1,7 +1,16 @@
 """Helpers shared by the test modules."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 import torch
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 def randomize_lora_b(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
@@ -16,3 +25,24 @@ def randomize_lora_b(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) 
 @pytest.fixture(scope="session")
 def random_lora_b():
     return randomize_lora_b
+
+
+@contextmanager
+def page_in_chromium(page: Path, profile: Path) -> Iterator:
+    """A headless Chromium (selenium driver) showing a local HTML file; skips the test without Chromium."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian package chromium); the page is not checked in a browser")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    try:
+        driver.set_window_size(1280, 2200)
+        driver.get(page.as_uri())
+        yield driver
+    finally:
+        driver.quit()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import page_in_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -57,6 +58,18 @@ def test_repro_produces_merged_model_and_metrics(project):
     assert len(predictions) == metrics["finetuned"]["all.n"] + metrics["base"]["all.n"]
     report = (dest / "work_dirs/eval/report.html").read_text(encoding="utf-8")
     assert 'id="headline"' in report and report.count('<figure class="card') == metrics["finetuned"]["all.n"]
+
+
+def test_report_shows_the_metrics_and_annotated_screenshots_in_a_browser(project, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    dest, _ = project
+    metrics = load_metrics(dest)
+    with page_in_chromium(dest / "work_dirs/eval/report.html", tmp_path / "profile") as page:
+        cell = page.find_element(By.CSS_SELECTOR, '#headline td[data-key="finetuned.all.action_acc"]')
+        assert cell.is_displayed() and cell.text == f"{100 * metrics['finetuned']['all.action_acc']:.1f}%"
+        widths = page.execute_script("return [...document.querySelectorAll('img.shot')].map(i => i.naturalWidth)")
+        assert len(widths) == metrics["finetuned"]["all.n"] and all(width > 0 for width in widths)
 
 
 def load_metrics(dest: Path) -> dict:

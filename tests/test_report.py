@@ -7,16 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import page_in_chromium
 from PIL import Image, ImageDraw
 
 from internvl_sft import report
 from internvl_sft.metrics import aggregate, score_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 ACTOR = "<image>\n请根据屏幕截图，执行任务：点击“设置”"
 E2E = "<image>\n请根据屏幕截图，输出“打开微博”的下一步操作"
 GROUNDING = "<image>\n请根据屏幕截图，定位：搜索框"
@@ -90,20 +87,8 @@ def test_missing_screenshot_is_said_in_its_card(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser(built, tmp_path_factory):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent (Debian package chromium); the report is not checked in a browser")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    driver.set_window_size(1280, 2200)
-    driver.get(built.as_uri())
-    yield driver
-    driver.quit()
+    with page_in_chromium(built, tmp_path_factory.mktemp("chromium-profile")) as driver:
+        yield driver
 
 
 def visible_ids(driver) -> set[str]:

@@ -29,18 +29,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train_command(project, run: Path) -> list[str]:
-    """The train stage's command line of dvc.yaml, with this run's output folders."""
-    data = project.dataset / "meta"
-    return [
-        "bash", str(ROOT / "shell/train.sh"), "--params", str(project.params),
-        "--train-meta", str(data / "ui_dataset.json"), "--val-meta", str(data / "ui_dataset_eval.json"),
-        "--model", str(project.native), "--adapter-dir", str(run / "adapter"),
-        "--checkpoint-dir", str(run / "checkpoints"), "--log-dir", str(run / "tensorboard"),
-        "--curves-dir", str(run / "curves"),
-    ]
-
-
 def environment() -> dict[str, str]:
     return {
         **os.environ,
@@ -53,7 +41,7 @@ def environment() -> dict[str, str]:
 
 
 def train(project, run: Path) -> str:
-    result = subprocess.run(train_command(project, run), cwd=ROOT, env=environment(), capture_output=True,
+    result = subprocess.run(project.train_command(run), cwd=ROOT, env=environment(), capture_output=True,
                             text=True)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result.stdout + result.stderr
@@ -61,7 +49,7 @@ def train(project, run: Path) -> str:
 
 def kill_after_first_checkpoint(project, run: Path) -> None:
     """Start training, wait for a complete checkpoint, then SIGKILL the launcher and all its children."""
-    process = subprocess.Popen(train_command(project, run), cwd=ROOT, env=environment(), start_new_session=True,
+    process = subprocess.Popen(project.train_command(run), cwd=ROOT, env=environment(), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

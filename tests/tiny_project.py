@@ -45,6 +45,17 @@ class TinyProject:
     def run_data(self) -> None:
         data_stage.main(["--params", str(self.params), "--out", str(self.dataset), "--report", str(self.report)])
 
+    def train_command(self, run: Path) -> list[str]:
+        """The train stage's command line of dvc.yaml, with this run's output folders under `run`."""
+        meta = self.dataset / "meta"
+        return [
+            "bash", str(ROOT / "shell/train.sh"), "--params", str(self.params),
+            "--train-meta", str(meta / "ui_dataset.json"), "--val-meta", str(meta / "ui_dataset_eval.json"),
+            "--model", str(self.native), "--adapter-dir", str(run / "adapter"),
+            "--checkpoint-dir", str(run / "checkpoints"), "--log-dir", str(run / "tensorboard"),
+            "--curves-dir", str(run / "curves"),
+        ]
+
     def run_pretrained(self) -> None:
         pretrained_stage.main(["--params", str(self.params), "--upstream", str(self.upstream),
                                "--native", str(self.native)])
