@@ -10,6 +10,7 @@ from internvl_sft.config import FastConfig, LoraConfig, TrainConfig
 from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
+    STOCK,
     FeatureCache,
     answer_loss,
     install_fast_path,
@@ -21,7 +22,6 @@ from internvl_sft.model.load import load_model, prepare_for_training
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA = TrainConfig(llm_lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LLM_TARGETS), grad_checkpoint=False)
 FAST = FastConfig()
-STOCK = FastConfig(answer_logits_only=False, frozen_vision_no_grad=False)
 # Three right-padded samples: (text tokens, tiles of an image, answer tokens) pieces in order.
 SAMPLES = (
     (("text", 5), ("image", 3), ("text", 4), ("answer", 6), ("text", 3), ("answer", 4)),
