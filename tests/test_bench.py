@@ -14,7 +14,9 @@ from internvl_sft.bench import (
     FlopCounts,
     loss_check,
     mode_configs,
+    model_folder,
     parse_args,
+    run,
     synthetic_batch,
     tokens_per_tile,
 )
@@ -95,3 +97,23 @@ def test_bench_runs_both_modes_on_the_cpu(tmp_path):
     assert report["shape"] == {"batch_size": 4, "tiles": 7, "prompt_tokens": 16, "answer_tokens": 128}
     assert report["ratios"]["samples_per_s"] > 0
     assert "first-batch loss" in result.stdout and "fast/reference" in result.stdout
+
+
+def test_cache_of_the_fast_mode_hits_when_batches_repeat(tmp_path):
+    args = parse_args(["--size", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--tiles", "3",
+                       "--vision-cache-mib", "8", "--distinct-batches", "1", "--params", str(ROOT / "params.yaml"),
+                       "--preset", str(ROOT / "presets/internvl2-1b-random.yaml"), "--build-dir", str(tmp_path)])
+    report = run(args)
+    assert "vision_cache" not in report["modes"]["reference"]
+    assert report["modes"]["fast"]["vision_cache"]["misses"] == 2 * 3
+    assert report["modes"]["fast"]["vision_cache"]["hits"] == 2 * (2 * 3)
+    assert report["first_batch_loss"]["equal"] and report["distinct_batches"] == 1
+    assert random_checkpoint_reused(tmp_path)
+
+
+def random_checkpoint_reused(folder: Path) -> bool:
+    """A second build in the same folder finds the checkpoint and leaves it untouched."""
+    stamp = (folder / "native/model.safetensors").stat().st_mtime_ns
+    args = parse_args(["--size", "tiny", "--params", str(ROOT / "params.yaml"), "--build-dir", str(folder)])
+    with model_folder(args) as native:
+        return native == folder / "native" and (native / "model.safetensors").stat().st_mtime_ns == stamp

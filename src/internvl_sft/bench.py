@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fast-grad-checkpoint", choices=("on", "off"),
                         help="gradient checkpointing of the fast mode (default: the recipe's, as the reference)")
     parser.add_argument("--logit-chunk-tokens", type=int, help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--vision-cache-mib", type=int, help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--distinct-batches", type=int, default=0,
+                        help="cycle through this many batches, as epochs repeat data (default 0: all distinct)")
     parser.add_argument("--peak-tflops", type=float,
                         help=f"peak FLOP/s for MFU (default: {H100_BF16_TFLOPS:g} on CUDA, none on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="of the batches and the LoRA initialisation")
@@ -77,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="build the random checkpoint here and reuse it later (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("work_dirs/bench/bench.json"))
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.distinct_batches < 0:
+        parser.error("--steps must be >= 1, --warmup and --distinct-batches >= 0")
     return args
 
 
@@ -103,9 +106,8 @@ def batch_shape(args: argparse.Namespace, recipe: Params) -> BatchShape:
 
 def mode_configs(args: argparse.Namespace, recipe: TrainConfig) -> dict[str, TrainConfig]:
     """The recipe with every fast switch off (reference) and as params and the command line set them (fast)."""
-    fast = recipe.fast
-    if args.logit_chunk_tokens is not None:
-        fast = dataclasses.replace(fast, logit_chunk_tokens=args.logit_chunk_tokens)
+    overrides = {"logit_chunk_tokens": args.logit_chunk_tokens, "vision_cache_mib": args.vision_cache_mib}
+    fast = dataclasses.replace(recipe.fast, **{key: value for key, value in overrides.items() if value is not None})
     checkpointing = recipe.grad_checkpoint if args.fast_grad_checkpoint is None else args.fast_grad_checkpoint == "on"
     return {
         "reference": dataclasses.replace(recipe, fast=STOCK),
@@ -185,9 +187,27 @@ def with_tile_keys(batch: dict) -> dict:
     return {**batch, "tile_keys": keys}
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def model_inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> dict:
+    """The batch on `device`, with tile keys only where the mode has a vision feature cache."""
     return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+            for key, value in batch.items() if key != "tile_keys" or cfg.fast.vision_cache_mib}
+
+
+def distinct_batch_count(args: argparse.Namespace) -> int:
+    steps = args.warmup + args.steps
+    return min(args.distinct_batches or steps, steps)
+
+
+def step_batches(config: PretrainedConfig, shape: BatchShape, args: argparse.Namespace, *, with_keys: bool,
+                 pinned: bool) -> list[dict]:
+    """A batch for every step: all distinct, or --distinct-batches of them in turn (in pinned memory for a GPU)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    distinct = [synthetic_batch(config, shape, generator) for _ in range(distinct_batch_count(args))]
+    if with_keys:
+        distinct = [with_tile_keys(batch) for batch in distinct]
+    if pinned:
+        distinct = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in distinct]
+    return [distinct[index % len(distinct)] for index in range(args.warmup + args.steps)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +272,7 @@ def run_mode(model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argpa
     release_memory(device)
     torch.manual_seed(args.seed)
     model = prepare_for_training(load_model(model_dir, dtype), cfg).to(device)
-    install_fast_path(model, cfg.fast)
+    fast = install_fast_path(model, cfg.fast)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -263,14 +283,16 @@ def run_mode(model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argpa
         if index == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        losses.append(train_step(model, optimizer, params, to_device(batch, device), cfg, autocast))
+        losses.append(train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg, autocast))
     synchronize(device)
     seconds = time.perf_counter() - start
     result = timing(batches[args.warmup:], seconds, counts, args, device)
     result["first_batch_loss"] = float(losses[0])
     result["grad_checkpoint"] = cfg.grad_checkpoint
     result["fast"] = dataclasses.asdict(cfg.fast)
-    del model, optimizer, params
+    if fast is not None and fast.cache is not None:
+        result["vision_cache"] = fast.cache.stats()
+    del model, optimizer, params, fast
     release_memory(device)
     return result, counts
 
@@ -352,12 +374,8 @@ def run(args: argparse.Namespace) -> dict:
     configs = mode_configs(args, recipe.train)
     with model_folder(args) as model_dir:
         config = transformers.AutoConfig.from_pretrained(model_dir)
-        generator = torch.Generator().manual_seed(args.seed)
-        batches = [synthetic_batch(config, shape, generator) for _ in range(args.warmup + args.steps)]
-        if configs["fast"].fast.vision_cache_mib:
-            batches = [with_tile_keys(batch) for batch in batches]
-        if device.type == "cuda":
-            batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib),
+                               pinned=device.type == "cuda")
         results, counts = {}, None
         for mode in MODES:
             results[mode], counts = run_mode(model_dir, configs[mode], batches, args, device, dtype)
@@ -366,6 +384,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": str(args.model) if args.model else f"random, --size {args.size}",
         "recipe": {"preset": str(args.preset), "params": str(args.params)},
         "shape": dataclasses.asdict(shape),
+        "distinct_batches": distinct_batch_count(args),
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_tflops": peak_tflops(args, device),
