@@ -1,4 +1,4 @@
-"""The fast training step (`train.fast` in params.yaml): the stock loss at a fraction of the cost.
+"""The fast training step (`train.fast` in params.yaml): the stock loss without the work it does not need.
 
 transformers' InternVL computes full-vocabulary logits at every position although the loss reads only the
 answer positions, and with gradient checkpointing on, peft makes every input embedding require gradients,
