@@ -7,12 +7,13 @@ PYTHON ?= python3
 GPUS ?= 1
 PORT ?= 10097
 PRESET ?= presets/internvl2-1b-ui.yaml
+BENCH_ARGS ?=
 export GPUS
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real demo
+.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real demo bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -65,3 +66,7 @@ demo: $(STAMP) ## ask the fine-tuned model: make demo IMAGE=shot.png PROMPT="...
 
 real: $(STAMP) ## run a preset as a DVC experiment (PRESET=presets/internvl2-1b-ui.yaml: the seed recipe)
 	bash shell/run_preset.sh $(PRESET)
+
+# No venv prerequisite: on a GPU machine with torch, transformers and peft installed, this runs from the checkout.
+bench: ## training-step speed, stock vs fast path (BENCH_ARGS="--size 1b --steps 20"; --help lists the options)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} python3 -m internvl_sft.bench $(BENCH_ARGS)

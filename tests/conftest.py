@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from internvl_sft.model.convert import upstream_to_native
+from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CORPUS = ("操作：点击\n参数：[481, 472]", "请根据屏幕截图，执行任务：点击微信app图标") * 4
 
 
 def randomize_lora_b(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
@@ -46,3 +50,12 @@ def page_in_chromium(page: Path, profile: Path) -> Iterator:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="session")
+def tiny_native(tmp_path_factory):
+    """A tiny InternVL2-1B-layout checkpoint (width 64, 2 layers, 112-px tiles) converted to the native layout."""
+    root = tmp_path_factory.mktemp("tiny-native")
+    build_tiny_checkpoint(root / "upstream", corpus=CORPUS, seed=1, sizes=TinySizes(vocab_size=300))
+    upstream_to_native(root / "upstream", root / "native")
+    return root / "native"

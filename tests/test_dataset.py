@@ -53,7 +53,8 @@ def sample(images=(), question="点击", answer="A cat.", line=1, **settings) ->
     )
 
 
-def dataset(tokenizer, samples, max_seq_length=4096, too_long="truncate", **tiling) -> SupervisedDataset:
+def dataset(tokenizer, samples, max_seq_length=4096, too_long="truncate", tile_keys=False,
+            **tiling) -> SupervisedDataset:
     settings = TilingSettings(tile_size=TILE, min_dynamic_patch=1, max_dynamic_patch=6, use_thumbnail=True)
     return SupervisedDataset(
         samples,
@@ -63,6 +64,7 @@ def dataset(tokenizer, samples, max_seq_length=4096, too_long="truncate", **tili
         num_image_token=TOKENS_PER_TILE,
         max_seq_length=max_seq_length,
         too_long=too_long,
+        tile_keys=tile_keys,
     )
 
 
@@ -210,6 +212,23 @@ def test_collate_pads_right_and_concatenates_tiles_in_sample_order(tokenizer, im
         assert (batch["labels"][row, size:] == IGNORE_INDEX).all()
         assert batch["attention_mask"][row].tolist() == [1] * size + [0] * (longest - size)
     assert context_count(tokenizer, batch["input_ids"]) == 4 * TOKENS_PER_TILE
+
+
+def test_tile_keys_follow_the_tiles_and_change_with_their_pixels(tokenizer, images, tmp_path):
+    """Keys of the vision feature cache: same pixels, same key (whatever the file); a changed tile, a new key."""
+    original, copy, changed = tmp_path / "gradient.png", tmp_path / "copy.png", tmp_path / "changed.png"
+    image = Image.linear_gradient("L").resize((40, 80)).convert("RGB")  # 1:2, so 2 tiles + thumbnail
+    image.save(original)
+    image.save(copy)
+    image.putpixel((0, 0), RED)
+    image.save(changed)
+    data = dataset(tokenizer, [sample([original]), sample(), sample([copy]), sample([changed])], tile_keys=True)
+    items = [data[index] for index in range(4)]
+    tall, text, same, other = (item["tile_keys"] for item in items)
+    assert len(tall) == 3 and len(set(tall)) == 3 and text == [] and same == tall
+    assert other[0] != tall[0] and other[1] == tall[1]  # the change is in the top tile only
+    assert collate(items, pad_token_id=tokenizer.pad_token_id)["tile_keys"] == tall + same + other
+    assert "tile_keys" not in dataset(tokenizer, [sample([images["tall"]])])[0]
 
 
 def test_collate_of_text_only_batch_has_no_pixel_values(tokenizer):

@@ -7,31 +7,20 @@ import torch
 from peft import PeftModel
 
 from internvl_sft.config import LoraConfig, TrainConfig, gradient_accumulation
-from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import load_model, load_tokenizer, prepare_for_training
-from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.stages import merge
 
-CORPUS = ("操作：点击\n参数：[481, 472]", "请根据屏幕截图，执行任务：点击微信app图标") * 4
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RECIPE = TrainConfig(llm_lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LLM_TARGETS),
                      grad_checkpoint=False)
-
-
-@pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    build_tiny_checkpoint(root / "upstream", corpus=CORPUS, seed=1, sizes=TinySizes(vocab_size=300))
-    upstream_to_native(root / "upstream", root / "native")
-    return root / "native"
 
 
 def trainable_names(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def test_llm_lora_never_touches_the_vision_tower(native):
-    model = prepare_for_training(load_model(native), RECIPE)
+def test_llm_lora_never_touches_the_vision_tower(tiny_native):
+    model = prepare_for_training(load_model(tiny_native), RECIPE)
     names = trainable_names(model)
     assert names and all("lora_" in n for n in names)
     assert all("language_model" in n for n in names)
@@ -39,12 +28,12 @@ def test_llm_lora_never_touches_the_vision_tower(native):
     assert any("mlp.down_proj.lora_B" in n for n in names)
 
 
-def test_freeze_flags_select_projector_and_vision_lora(native):
+def test_freeze_flags_select_projector_and_vision_lora(tiny_native):
     cfg = dataclasses.replace(
         RECIPE, freeze_mlp=False,
         backbone_lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "fc1")),
     )
-    model = prepare_for_training(load_model(native), cfg)
+    model = prepare_for_training(load_model(tiny_native), cfg)
     names = trainable_names(model)
     assert any("multi_modal_projector" in n for n in names)
     vision = [n for n in names if "vision_tower" in n]
@@ -65,21 +54,21 @@ def prompt_ids(tokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer(text)["input_ids"]])
 
 
-def test_merged_model_generates_like_base_plus_adapter(native, tmp_path, random_lora_b):
-    model = prepare_for_training(load_model(native), RECIPE)
+def test_merged_model_generates_like_base_plus_adapter(tiny_native, tmp_path, random_lora_b):
+    model = prepare_for_training(load_model(tiny_native), RECIPE)
     random_lora_b(model)
     model.save_pretrained(tmp_path / "adapter")
     params_file = tmp_path / "params.yaml"
     params_file.write_text("merge:\n  dtype: float32\n")
-    merge.main(["--params", str(params_file), "--model", str(native), "--adapter-dir", str(tmp_path / "adapter"),
+    merge.main(["--params", str(params_file), "--model", str(tiny_native), "--adapter-dir", str(tmp_path / "adapter"),
                 "--out", str(tmp_path / "merged")])
 
-    tokenizer = load_tokenizer(native)
+    tokenizer = load_tokenizer(tiny_native)
     ids = prompt_ids(tokenizer)
     settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    with_adapter = PeftModel.from_pretrained(load_model(native), tmp_path / "adapter").eval()
+    with_adapter = PeftModel.from_pretrained(load_model(tiny_native), tmp_path / "adapter").eval()
     merged = load_model(tmp_path / "merged").eval()
-    base = load_model(native).eval()
+    base = load_model(tiny_native).eval()
     expected = with_adapter.generate(input_ids=ids, **settings)
     assert torch.equal(merged.generate(input_ids=ids, **settings), expected)
     assert not torch.equal(base.generate(input_ids=ids, **settings), expected)

@@ -99,6 +99,16 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FastConfig:
+    """Speed-ups of the training step (internvl_sft.fast); the first three give the stock loss and gradients."""
+
+    answer_logits_only: bool = True
+    logit_chunk_tokens: int = 0
+    frozen_vision_no_grad: bool = True
+    vision_cache_mib: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 42
     num_train_epochs: float = 20
@@ -122,6 +132,7 @@ class TrainConfig:
     freeze_backbone: bool = True
     llm_lora: LoraConfig = LoraConfig()
     backbone_lora: LoraConfig = LoraConfig()
+    fast: FastConfig = FastConfig()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,13 +75,19 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def resolve(preset: Path, params: Path, extra: dict[str, Any] | None = None) -> tuple[Params, dict[str, Any]]:
+    """The parameters that params + preset + extra overrides make (validated against the schema), and the
+    overrides alone."""
+    overrides = overlay(load_preset(preset), unflatten(extra or {}))
+    base = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+    return build(Params, overlay(base, overrides), where=f"{params} + {preset}"), overrides
+
+
 def set_arguments(
     preset: Path, params: Path, extra: dict[str, Any] | None = None, processes: int | None = None
 ) -> list[str]:
     """Validate params + preset + extra overrides against the schema, then return the -S arguments."""
-    overrides = overlay(load_preset(preset), unflatten(extra or {}))
-    base = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
-    resolved = build(Params, overlay(base, overrides), where=f"{params} + {preset}")
+    resolved, overrides = resolve(preset, params, extra)
     if processes is not None:
         try:
             gradient_accumulation(resolved.train.global_batch_size, resolved.train.per_device_batch_size, processes)

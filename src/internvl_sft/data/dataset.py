@@ -2,15 +2,17 @@
 
 `collate` builds the keyword arguments of `InternVLForConditionalGeneration.forward`: right-padded
 `input_ids` / `labels` / `attention_mask` and, when the batch has images, all tiles concatenated in sample
-order, which is the order of the image tokens in the flattened batch.
+order, which is the order of the image tokens in the flattened batch (and, for the vision feature cache of
+the fast training path, one key per tile in that order).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -74,7 +76,8 @@ class TooLong(DataError):
 
 
 class SupervisedDataset(Dataset):
-    """Checked samples as dicts of input_ids, labels, pixel_values (or None) and num_tiles.
+    """Checked samples as dicts of input_ids, labels, pixel_values (or None), num_tiles and, with `tile_keys`,
+    a content key per tile.
 
     Every sample is measured when the dataset is built, from image headers and the tokenizer only, so a
     sample that cannot fit max_seq_length fails before training starts, and `lengths` is exact. A sample is
@@ -93,6 +96,7 @@ class SupervisedDataset(Dataset):
         num_image_token: int,
         max_seq_length: int,
         too_long: str = "truncate",
+        tile_keys: bool = False,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -100,6 +104,7 @@ class SupervisedDataset(Dataset):
         self.num_image_token = num_image_token
         self.max_seq_length = max_seq_length
         self.too_long = too_long
+        self.tile_keys = tile_keys
         self.image_end_id = token_id(tokenizer, IMG_END)
         self.samples, self._lengths = self.measure(list(samples))
 
@@ -126,12 +131,19 @@ class SupervisedDataset(Dataset):
         tiles = [tile for tiles in tiles_per_image for tile in tiles]
         if sample.data_augment:
             tiles = [jpeg_degrade(tile, random_jpeg_quality()) for tile in tiles]
-        return {
+        item = {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
             "pixel_values": to_pixel_values(tiles, self.tiling.tile_size) if tiles else None,
             "num_tiles": len(tiles),
         }
+        if self.tile_keys:
+            item["tile_keys"] = [self.tile_key(tile) for tile in tiles]
+        return item
+
+    def tile_key(self, tile: Image.Image) -> str:
+        """A hash of the tile's pixels (after tiling and augmentation) and of the size it is resized to."""
+        return content_digest((tile.mode, f"{tile.size}->{self.tiling.tile_size}", tile.tobytes()))
 
     def image_tiles(self, image: Image.Image, sample: Sample) -> list[Image.Image]:
         return self.tiling.tiles(image, len(sample.images), sample.max_dynamic_patch)
@@ -197,6 +209,14 @@ def report_left_out(left_out: list[str], total: int) -> None:
         print(f"{len(left_out)} of {total} sample(s) left out:{listed}", file=sys.stderr, flush=True)
 
 
+def content_digest(parts: Iterable[str | bytes | memoryview]) -> str:
+    """A short hash of some text and binary pieces, in order."""
+    digest = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.hexdigest()
+
+
 def random_jpeg_quality() -> int:
     """Drawn from torch's generator, which the DataLoader seeds per worker."""
     low, high = JPEG_QUALITIES
@@ -220,6 +240,8 @@ def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tens
     tiles = [item["pixel_values"] for item in batch if item.get("pixel_values") is not None]
     if tiles:
         collated["pixel_values"] = torch.cat(tiles)
+    if tiles and all("tile_keys" in item for item in batch):
+        collated["tile_keys"] = [key for item in batch for key in item["tile_keys"]]
     return collated
 
 
@@ -266,8 +288,10 @@ def build_dataset(
     inputs: InputsConfig,
     seed: int,
     samples: Sequence[Sample] | None = None,
+    tile_keys: bool = False,
 ) -> SupervisedDataset:
-    """The training view of a meta file's samples (or of `samples` already read from it, e.g. a subset)."""
+    """The training view of a meta file's samples (or of `samples` already read from it, e.g. a subset);
+    `tile_keys` adds the keys of the fast path's vision feature cache."""
     if samples is None:
         samples = read_meta_samples(meta_path, seed)
     _, num_image_token = image_geometry(sidecar)
@@ -279,4 +303,5 @@ def build_dataset(
         num_image_token=num_image_token,
         max_seq_length=inputs.max_seq_length,
         too_long=inputs.too_long,
+        tile_keys=tile_keys,
     )

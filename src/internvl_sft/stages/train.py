@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from internvl_sft.config import Params, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate
+from internvl_sft.fast import FastForward, install_fast_path
 from internvl_sft.model.load import (
     load_model,
     load_tokenizer,
@@ -100,7 +101,11 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
 
 
 class InternVLTrainer(Trainer):
-    """Trainer whose length grouping reads precomputed sample lengths instead of loading every sample."""
+    """Trainer whose length grouping reads precomputed sample lengths instead of loading every sample.
+
+    Training and evaluation losses both come from the model's forward: with `train.fast` that forward is
+    `internvl_sft.fast.FastForward`, so the Trainer's loss scaling and DDP / DeepSpeed wrapping stay as they are.
+    """
 
     def __init__(self, *args, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -191,9 +196,9 @@ def peak_gpu_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def run_summary(metrics: dict, trainer: Trainer) -> dict:
-    """Throughput, wall time and memory of the run, as written next to the adapter."""
-    return {
+def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None) -> dict:
+    """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter."""
+    summary = {
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "train_steps": trainer.state.global_step,
@@ -201,6 +206,9 @@ def run_summary(metrics: dict, trainer: Trainer) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gpu_memory_gib_rank0": peak_gpu_memory_gib(),
     }
+    if fast is not None and fast.cache is not None:
+        summary["vision_cache_rank0"] = fast.cache.stats()
+    return summary
 
 
 def zero_partitions(checkpoint: Path) -> int:
@@ -246,11 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     dtype = resolve_dtype(params.train.precision)
     tokenizer = load_tokenizer(args.model)
     sidecar = read_sidecar(args.model)
-    train_set = build_dataset(args.train_meta, tokenizer, sidecar, params.inputs, seed=params.train.seed)
-    val_set = build_dataset(args.val_meta, tokenizer, sidecar, params.inputs, seed=params.train.seed)
+    seed, tile_keys = params.train.seed, params.train.fast.vision_cache_mib > 0
+    train_set = build_dataset(args.train_meta, tokenizer, sidecar, params.inputs, seed, tile_keys=tile_keys)
+    val_set = build_dataset(args.val_meta, tokenizer, sidecar, params.inputs, seed, tile_keys=tile_keys)
     training_args = training_arguments(params, args, dtype)
     model = prepare_for_training(load_model(args.model, dtype), params.train)
-    print(trainable_summary(model), flush=True)
+    fast = install_fast_path(model, params.train.fast)
+    print(trainable_summary(model), fast.describe() if fast else "stock training forward", sep="\n", flush=True)
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
@@ -269,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         check_zero_partitions(Path(last), world_size())
         print(f"resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
-    summary = run_summary(result.metrics, trainer)
+    summary = run_summary(result.metrics, trainer, fast)
     print(json.dumps(summary), flush=True)
     save_adapter(trainer, params, args, summary)
 

@@ -1,0 +1,411 @@
+"""Benchmark of the training step: the stock path (reference) against the fast path, on the same batches.
+
+    python -m internvl_sft.bench --size tiny | --size 1b | --model DIR  [--steps 20] [--warmup 3] [--out FILE]
+
+Both modes train the recipe of --preset over --params (by default the seed recipe: LoRA r=64, alpha=128 on the
+LLM's q/k/v/o/gate/up/down, vision tower, projector and LLM frozen, gradient checkpointing on) with AdamW, one
+after the other in this process, on the same deterministic synthetic batches: per sample, --prompt-tokens text
+tokens, the image tokens of --tiles tiles and an answer of about --answer-tokens tokens (lengths vary, so batches
+are right-padded), the loss on the answer only. The reference is transformers' forward with full-vocabulary
+logits; the fast mode is the training code's fast path as `train.fast` configures it. The model has random
+weights: the embedded default's sizes (`tiny`), the InternVL2-1B shape (`1b`, the sizes of
+presets/internvl2-1b-random.yaml), or a given native checkpoint.
+
+Warm-up steps are not timed; CUDA is synchronised around the timed steps. Useful FLOPs per sample are
+2 x vision-tower parameters x patch tokens (forward only) + 4 x language-model parameters x non-padding tokens
+(forward and backward), MFU is their rate over --peak-tflops. Both modes must give the same loss on the first
+batch (within a tolerance of the dtype); otherwise the command exits with status 1 after writing its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from transformers import PretrainedConfig
+
+from internvl_sft.config import Params, TrainConfig, load_params
+from internvl_sft.data.dataset import content_digest
+from internvl_sft.data.synthetic import LEXICON
+from internvl_sft.data.template import IGNORE_INDEX
+from internvl_sft.fast import STOCK, install_fast_path, tensor_bytes, unwrap
+from internvl_sft.model.convert import upstream_to_native
+from internvl_sft.model.load import attention_implementation, load_model, prepare_for_training, resolve_dtype
+from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+from internvl_sft.preset import resolve
+from internvl_sft.stages.pretrained import tiny_sizes
+
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
+LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+MODES = ("reference", "fast")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--size", choices=("tiny", "1b"), default="tiny", help="random weights of these sizes")
+    source.add_argument("--model", type=Path, help="a native checkpoint folder instead of random weights")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--preset", type=Path, default=Path("presets/internvl2-1b-random.yaml"),
+                        help="the recipe (its train and inputs sections) and the sizes of --size 1b")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--batch-size", type=int, help="samples a step (default: the recipe's per-device batch)")
+    parser.add_argument("--tiles", type=int, help="tiles a sample (default: the recipe's max tiles + thumbnail)")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--answer-tokens", type=int, default=128, help="mean answer length (each varies by 1/8)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                        help="auto: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--fast-grad-checkpoint", choices=("on", "off"),
+                        help="gradient checkpointing of the fast mode (default: the recipe's, as the reference)")
+    parser.add_argument("--logit-chunk-tokens", type=int, help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--vision-cache-mib", type=int, help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--distinct-batches", type=int, default=0,
+                        help="cycle through this many batches, as epochs repeat data (default 0: all distinct)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help=f"peak FLOP/s for MFU (default: {H100_BF16_TFLOPS:g} on CUDA, none on a CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="of the batches and the LoRA initialisation")
+    parser.add_argument("--build-dir", type=Path,
+                        help="build the random checkpoint here and reuse it later (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path("work_dirs/bench/bench.json"))
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.distinct_batches < 0:
+        parser.error("--steps must be >= 1, --warmup and --distinct-batches >= 0")
+    return args
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    batch_size: int
+    tiles: int
+    prompt_tokens: int
+    answer_tokens: int
+
+
+def batch_shape(args: argparse.Namespace, recipe: Params) -> BatchShape:
+    """The command line's shape; what it leaves out comes from the recipe."""
+    tiles = recipe.inputs.max_dynamic_patch + int(recipe.inputs.use_thumbnail and recipe.inputs.max_dynamic_patch > 1)
+    return BatchShape(
+        batch_size=args.batch_size or recipe.train.per_device_batch_size,
+        tiles=args.tiles or tiles,
+        prompt_tokens=args.prompt_tokens,
+        answer_tokens=args.answer_tokens,
+    )
+
+
+def mode_configs(args: argparse.Namespace, recipe: TrainConfig) -> dict[str, TrainConfig]:
+    """The recipe with every fast switch off (reference) and as params and the command line set them (fast)."""
+    overrides = {"logit_chunk_tokens": args.logit_chunk_tokens, "vision_cache_mib": args.vision_cache_mib}
+    fast = dataclasses.replace(recipe.fast, **{key: value for key, value in overrides.items() if value is not None})
+    checkpointing = recipe.grad_checkpoint if args.fast_grad_checkpoint is None else args.fast_grad_checkpoint == "on"
+    return {
+        "reference": dataclasses.replace(recipe, fast=STOCK),
+        "fast": dataclasses.replace(recipe, fast=fast, grad_checkpoint=checkpointing),
+    }
+
+
+def random_checkpoint(sizes: TinySizes, seed: int, folder: Path) -> Path:
+    """A native checkpoint with random weights of `sizes`, built in the upstream layout and converted like a real
+    one; a folder that already holds one of the same sizes and seed is reused."""
+    stamp = json.dumps({"sizes": dataclasses.asdict(sizes), "seed": seed}, sort_keys=True)
+    native, built = folder / "native", folder / "built.json"
+    if built.exists() and built.read_text(encoding="utf-8") == stamp and (native / "config.json").exists():
+        return native
+    build_tiny_checkpoint(folder / "upstream", corpus=LEXICON, seed=seed, sizes=sizes)
+    upstream_to_native(folder / "upstream", native)
+    built.write_text(stamp, encoding="utf-8")
+    return native
+
+
+@contextlib.contextmanager
+def model_folder(args: argparse.Namespace) -> Iterator[Path]:
+    """The native checkpoint to benchmark: --model, or random weights of --size built for the run."""
+    if args.model is not None:
+        yield args.model
+        return
+    params = resolve(args.preset, args.params)[0] if args.size == "1b" else load_params(args.params)
+    sizes, seed = tiny_sizes(params.pretrained), params.pretrained.tiny.seed
+    if args.build_dir is not None:
+        yield random_checkpoint(sizes, seed, args.build_dir)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="internvl-bench-"))
+    try:
+        yield random_checkpoint(sizes, seed, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def tokens_per_tile(config: PretrainedConfig) -> int:
+    vision = config.vision_config
+    side = first(vision.image_size) // first(vision.patch_size)
+    return int(side * side * config.downsample_ratio**2)
+
+
+def patches_per_tile(config: PretrainedConfig) -> int:
+    vision = config.vision_config
+    return (first(vision.image_size) // first(vision.patch_size)) ** 2
+
+
+def first(value: int | list[int] | tuple[int, ...]) -> int:
+    """Sizes may be one number or (height, width); tiles are square."""
+    return value if isinstance(value, int) else value[0]
+
+
+def synthetic_batch(config: PretrainedConfig, shape: BatchShape, generator: torch.Generator) -> dict:
+    """Random text tokens around each sample's image tokens, random tiles, the loss on the answers only."""
+    image_tokens = shape.tiles * tokens_per_tile(config)
+    jitter = shape.answer_tokens // 8
+    answers = torch.randint(-jitter, jitter + 1, (shape.batch_size,), generator=generator) + shape.answer_tokens
+    lengths = shape.prompt_tokens + image_tokens + answers
+    longest = int(lengths.max())
+    input_ids = torch.randint(0, config.image_token_id, (shape.batch_size, longest), generator=generator)
+    input_ids[:, shape.prompt_tokens: shape.prompt_tokens + image_tokens] = config.image_token_id
+    positions = torch.arange(longest)
+    attention_mask = (positions < lengths[:, None]).long()
+    labels = torch.where(positions >= shape.prompt_tokens + image_tokens, input_ids, IGNORE_INDEX)
+    labels[attention_mask == 0] = IGNORE_INDEX
+    input_ids[attention_mask == 0] = 0
+    size = first(config.vision_config.image_size)
+    pixel_values = torch.randn(shape.batch_size * shape.tiles, 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+
+
+def with_tile_keys(batch: dict) -> dict:
+    """The batch with the vision feature cache's key of every tile."""
+    keys = [content_digest((str(tuple(tile.shape)), tensor_bytes(tile))) for tile in batch["pixel_values"]]
+    return {**batch, "tile_keys": keys}
+
+
+def model_inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> dict:
+    """The batch on `device`, with tile keys only where the mode has a vision feature cache."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items() if key != "tile_keys" or cfg.fast.vision_cache_mib}
+
+
+def distinct_batch_count(args: argparse.Namespace) -> int:
+    steps = args.warmup + args.steps
+    return min(args.distinct_batches or steps, steps)
+
+
+def step_batches(config: PretrainedConfig, shape: BatchShape, args: argparse.Namespace, *, with_keys: bool,
+                 pinned: bool) -> list[dict]:
+    """A batch for every step: all distinct, or --distinct-batches of them in turn (in pinned memory for a GPU)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    distinct = [synthetic_batch(config, shape, generator) for _ in range(distinct_batch_count(args))]
+    if with_keys:
+        distinct = [with_tile_keys(batch) for batch in distinct]
+    if pinned:
+        distinct = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in distinct]
+    return [distinct[index % len(distinct)] for index in range(args.warmup + args.steps)]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCounts:
+    """Parameter counts behind the useful-FLOP accounting of a training step."""
+
+    vision_params: int
+    llm_params: int
+    patches_per_tile: int
+
+    def useful_flops(self, batch: dict) -> float:
+        patches = batch["pixel_values"].shape[0] * self.patches_per_tile
+        tokens = int(batch["attention_mask"].sum())
+        return 2.0 * self.vision_params * patches + 4.0 * self.llm_params * tokens
+
+
+def flop_counts(model: torch.nn.Module) -> FlopCounts:
+    inner = unwrap(model).model
+
+    def base_params(module: torch.nn.Module) -> int:
+        return sum(p.numel() for name, p in module.named_parameters() if "lora_" not in name)
+
+    return FlopCounts(base_params(inner.vision_tower), base_params(inner.language_model),
+                      patches_per_tile(inner.config))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the previous mode left and restart the peak-memory count."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
+    """Mixed precision as the Trainer applies it with bf16/fp16 (the weights are loaded in that dtype too)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(model, optimizer, params: list[torch.nn.Parameter], batch: dict, cfg: TrainConfig,
+               autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def run_mode(model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argparse.Namespace,
+             device: torch.device, dtype: torch.dtype) -> tuple[dict, FlopCounts]:
+    """Train `cfg` on `batches`; time all but the first --warmup steps."""
+    release_memory(device)
+    torch.manual_seed(args.seed)
+    model = prepare_for_training(load_model(model_dir, dtype), cfg).to(device)
+    fast = install_fast_path(model, cfg.fast)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    counts, autocast = flop_counts(model), autocast_for(device, dtype)
+    losses, start = [], time.perf_counter()
+    for index, batch in enumerate(batches):
+        if index == args.warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        losses.append(train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg, autocast))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    result = timing(batches[args.warmup:], seconds, counts, args, device)
+    result["first_batch_loss"] = float(losses[0])
+    result["grad_checkpoint"] = cfg.grad_checkpoint
+    result["fast"] = dataclasses.asdict(cfg.fast)
+    if fast is not None and fast.cache is not None:
+        result["vision_cache"] = fast.cache.stats()
+    del model, optimizer, params, fast
+    release_memory(device)
+    return result, counts
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    return H100_BF16_TFLOPS if device.type == "cuda" else None
+
+
+def timing(timed: list[dict], seconds: float, counts: FlopCounts, args: argparse.Namespace,
+           device: torch.device) -> dict:
+    samples = sum(batch["input_ids"].shape[0] for batch in timed)
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in timed)
+    flops = sum(counts.useful_flops(batch) for batch in timed)
+    peak = peak_tflops(args, device)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "useful_tflops_per_s": flops / seconds / 1e12,
+        "mfu": flops / seconds / (peak * 1e12) if peak else None,
+        "peak_memory_bytes": memory,
+        "peak_memory_gib": memory / 2**30 if memory is not None else None,
+    }
+
+
+def loss_check(reference: float, fast: float, dtype: torch.dtype) -> dict:
+    rtol = LOSS_RTOL[dtype]
+    difference = abs(fast - reference)
+    return {"reference": reference, "fast": fast, "abs_diff": difference, "rtol": rtol,
+            "equal": difference <= rtol * abs(reference)}
+
+
+def ratio(results: dict, key: str) -> float | None:
+    reference, fast = results["reference"][key], results["fast"][key]
+    return fast / reference if reference and fast is not None else None
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": attention_implementation(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def format_value(value: float | None, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    return {"rate": f"{value:,.2f}", "percent": f"{100 * value:.1f}%", "ratio": f"{value:.2f}x"}[kind]
+
+
+def table(report: dict) -> str:
+    """The results as a text table: a row per measure, a column per mode and their ratio."""
+    rows = [("samples/s", "samples_per_s", "rate"), ("tokens/s", "tokens_per_s", "rate"),
+            ("MFU (useful FLOPs)", "mfu", "percent"), ("peak GPU memory (GiB)", "peak_memory_gib", "rate")]
+    modes, ratios = report["modes"], report["ratios"]
+    lines = [f"{'':24}{'reference':>14}{'fast':>14}{'fast/reference':>16}"]
+    for label, key, kind in rows:
+        lines.append(f"{label:24}{format_value(modes['reference'][key], kind):>14}"
+                     f"{format_value(modes['fast'][key], kind):>14}{format_value(ratios[key], 'ratio'):>16}")
+    check = report["first_batch_loss"]
+    verdict = "equal" if check["equal"] else "DIFFERENT"
+    lines.append(f"first-batch loss: reference {check['reference']:.6f}, fast {check['fast']:.6f} "
+                 f"(|diff| {check['abs_diff']:.2e}, relative tolerance {check['rtol']:g}): {verdict}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict:
+    recipe = resolve(args.preset, args.params)[0]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.precision)
+    shape = batch_shape(args, recipe)
+    configs = mode_configs(args, recipe.train)
+    with model_folder(args) as model_dir:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib),
+                               pinned=device.type == "cuda")
+        results, counts = {}, None
+        for mode in MODES:
+            results[mode], counts = run_mode(model_dir, configs[mode], batches, args, device, dtype)
+    return {
+        "environment": environment(device, dtype),
+        "model": str(args.model) if args.model else f"random, --size {args.size}",
+        "recipe": {"preset": str(args.preset), "params": str(args.params)},
+        "shape": dataclasses.asdict(shape),
+        "distinct_batches": distinct_batch_count(args),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": peak_tflops(args, device),
+        "flop_counts": dataclasses.asdict(counts),
+        "modes": results,
+        "ratios": {key: ratio(results, key) for key in ("samples_per_s", "tokens_per_s", "mfu", "peak_memory_gib")},
+        "first_batch_loss": loss_check(results["reference"]["first_batch_loss"],
+                                       results["fast"]["first_batch_loss"], dtype),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(report))
+    print(f"written to {args.out}")
+    if not report["first_batch_loss"]["equal"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""The fast training step (`train.fast` in params.yaml): the stock loss without the work it does not need.
+
+transformers' InternVL computes full-vocabulary logits at every position although the loss reads only the
+answer positions, and with gradient checkpointing on, peft makes every input embedding require gradients,
+the vision tower's patch embedding included, so the frozen vision tower is recorded, recomputed and
+back-propagated for nothing. `FastForward` replaces the model's forward for calls with labels:
+
+- the LM head and the cross-entropy run only where the next-token label is set (the same mean as
+  transformers' causal-LM loss), optionally a chunk at a time, each chunk's logits recomputed in backward;
+- the frozen part of the vision path (the vision tower, and the projector when it is frozen too) runs
+  under torch.no_grad;
+- opt-in, that frozen part's output is cached per tile in CPU memory, keyed by the tile's pixels and the
+  frozen weights, and reused in later epochs.
+
+It is installed as the forward of the model instance, so the Trainer's loss scaling, DDP's gradient hooks and
+DeepSpeed's engine all see one ordinary forward call: computing the loss from sub-modules in
+`Trainer.compute_loss` would bypass DDP's forward, and DDP then synchronises no gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from internvl_sft.config import FastConfig
+from internvl_sft.data.dataset import content_digest
+from internvl_sft.data.template import IGNORE_INDEX
+
+MIB = 2**20
+STOCK = FastConfig(answer_logits_only=False, frozen_vision_no_grad=False)  # every switch off: transformers' forward
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (any dtype, any device), copied to the CPU."""
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def answer_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions only, reduced as transformers' causal-LM loss is:
+    the mean over label tokens, or the sum over `num_items_in_batch` when the Trainer counted the label tokens
+    of a whole accumulated batch."""
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    total = summed_cross_entropy(hidden[:, :-1][labelled], targets[labelled], lm_head, chunk_tokens)
+    divisor = labelled.sum() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(total.device)
+    return total / divisor
+
+
+def summed_cross_entropy(
+    states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk_tokens: int
+) -> torch.Tensor:
+    """Summed loss of the selected positions; in chunks, each chunk's logits are freed and recomputed in backward."""
+    if chunk_tokens <= 0 or len(targets) <= chunk_tokens:
+        return chunk_cross_entropy(states, targets, lm_head)
+    parts = [
+        checkpoint(chunk_cross_entropy, chunk, chunk_targets, lm_head, use_reentrant=False)
+        for chunk, chunk_targets in zip(states.split(chunk_tokens), targets.split(chunk_tokens))
+    ]
+    return torch.stack(parts).sum()
+
+
+def chunk_cross_entropy(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Logits upcast to fp32 before the softmax, as transformers does."""
+    return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
+
+
+def vision_tokens(inner: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(tiles, tokens, width) pixel-shuffled vision features: the projector's input, as InternVL computes it."""
+    config = inner.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise NotImplementedError(f"vision_feature_layer {layer!r}: only a single layer is supported")
+    pixel_values = pixel_values.to(dtype=inner.dtype)
+    if layer == -1:
+        features = inner.vision_tower(pixel_values=pixel_values).last_hidden_state
+    else:
+        features = inner.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:, :]  # the class token
+    tiles, count, width = features.shape
+    side = int(count**0.5)
+    shuffled = inner.pixel_shuffle(features.reshape(tiles, side, side, width), scale_factor=config.downsample_ratio)
+    return shuffled.reshape(tiles, -1, shuffled.shape[-1])
+
+
+def project(inner: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return inner.multi_modal_projector(tokens)
+
+
+# The vision path, stage by stage: a tile's projected features are project(vision_tokens(tile)).
+VISION_STAGES = (vision_tokens, project)
+
+
+def vision_modules(inner: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The module behind each of VISION_STAGES."""
+    return inner.vision_tower, inner.multi_modal_projector
+
+
+def run_stages(inner: nn.Module, values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    for stage in VISION_STAGES[start:stop]:
+        values = stage(inner, values)
+    return values
+
+
+def is_frozen(module: nn.Module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def frozen_stage_count(inner: nn.Module) -> int:
+    """How many of VISION_STAGES, from the first on, train nothing: 0, 1 (vision tower) or 2 (and projector)."""
+    count = 0
+    for module in vision_modules(inner):
+        if not is_frozen(module):
+            break
+        count += 1
+    return count
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """Whether the module's output can depend on train/eval mode through dropout (layers or attention rates)."""
+    for part in module.modules():
+        rate = getattr(part, "attention_dropout", 0.0)
+        if (isinstance(part, nn.Dropout) and part.p > 0) or (isinstance(rate, float | int) and rate > 0):
+            return True
+    return False
+
+
+class FeatureCache:
+    """Tensors in CPU memory under string keys, at most `max_bytes` in all; the least recently used go first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = torch.empty(value.shape, dtype=value.dtype, device="cpu").copy_(value.detach())
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self.entries), "bytes": self.bytes}
+
+
+class WeightsFingerprint:
+    """Content hash of some modules' weights, recomputed only after one of them changed in place or was replaced
+    (tracked through each tensor's storage address and in-place version counter)."""
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.modules = tuple(modules)
+        self._state: tuple | None = None
+        self._digest = ""
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for index, module in enumerate(self.modules):
+            for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+                yield f"{index}.{name}", tensor
+
+    def current(self) -> str:
+        state = tuple((name, t.data_ptr(), t._version) for name, t in self.tensors())
+        if state != self._state:
+            self._digest = content_digest(
+                part
+                for name, t in self.tensors()
+                for part in (name, str(t.dtype), str(tuple(t.shape)), tensor_bytes(t))
+            )
+            self._state = state
+        return self._digest
+
+
+class FastForward:
+    """The forward of an `InternVLForConditionalGeneration` with the fast path; calls without labels (e.g.
+    generation) go to the original forward."""
+
+    def __init__(self, model: PreTrainedModel, cfg: FastConfig):
+        if cfg.logit_chunk_tokens < 0 or cfg.vision_cache_mib < 0:
+            raise ValueError("params: train: fast: logit_chunk_tokens and vision_cache_mib must be >= 0")
+        self.model = model
+        self.cfg = cfg
+        self.original = model.forward
+        self.cache = FeatureCache(cfg.vision_cache_mib * MIB) if cfg.vision_cache_mib else None
+        self.fingerprints: dict[int, WeightsFingerprint] = {}
+        if self.cache is not None:
+            check_cacheable(model.model)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        tile_keys: list[str] | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if labels is None:
+            return self.original(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                 **kwargs)
+        if kwargs:
+            raise TypeError(f"the fast training forward takes no {', '.join(sorted(kwargs))}")
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, tile_keys)
+        if self.cfg.answer_logits_only:
+            loss = answer_loss(hidden, labels, self.model.lm_head, num_items_in_batch, self.cfg.logit_chunk_tokens)
+            return CausalLMOutputWithPast(loss=loss)
+        logits = self.model.lm_head(hidden)
+        loss = self.model.loss_function(logits=logits, labels=labels, num_items_in_batch=num_items_in_batch,
+                                        vocab_size=self.model.config.text_config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        tile_keys: list[str] | None,
+    ) -> torch.Tensor:
+        """The language model's last hidden states, image features placed at the image tokens."""
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            features = self.image_features(pixel_values, tile_keys).to(embeds.device, embeds.dtype)
+            embeds = place_image_features(embeds, input_ids == inner.config.image_token_id, features)
+        return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def image_features(self, pixel_values: torch.Tensor, tile_keys: list[str] | None) -> torch.Tensor:
+        """Projected features of every tile: the frozen stages without autograd (or from the cache), then the
+        trainable ones."""
+        inner = self.model.model
+        frozen = frozen_stage_count(inner) if self.cfg.frozen_vision_no_grad or self.cache else 0
+        if self.cache is not None and tile_keys is not None and frozen:
+            values = self.cached_stages(pixel_values, tile_keys, frozen)
+        else:
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                values = run_stages(inner, pixel_values, 0, frozen)
+        return run_stages(inner, values, frozen, len(VISION_STAGES))
+
+    def cached_stages(self, pixel_values: torch.Tensor, tile_keys: list[str], frozen: int) -> torch.Tensor:
+        """The output of the first `frozen` stages per tile, computed only for tiles not in the cache."""
+        if len(tile_keys) != len(pixel_values):
+            raise ValueError(f"{len(tile_keys)} tile keys for {len(pixel_values)} tiles")
+        prefix = f"{frozen}:{self.fingerprint(frozen)}:"
+        keys = [prefix + key for key in tile_keys]
+        found = [self.cache.get(key) for key in keys]
+        missing = [index for index, value in enumerate(found) if value is None]
+        if missing:
+            with torch.no_grad():
+                fresh = run_stages(self.model.model, pixel_values[missing], 0, frozen)
+            for index, row in zip(missing, fresh):
+                self.cache.put(keys[index], row)
+                found[index] = row
+        dtype = found[missing[0]].dtype if missing else found[0].dtype
+        return torch.stack([value.to(pixel_values.device, dtype, non_blocking=True) for value in found])
+
+    def fingerprint(self, frozen: int) -> str:
+        if frozen not in self.fingerprints:
+            self.fingerprints[frozen] = WeightsFingerprint(vision_modules(self.model.model)[:frozen])
+        return self.fingerprints[frozen].current()
+
+    def describe(self) -> str:
+        parts = []
+        if self.cfg.answer_logits_only:
+            chunks = f", {self.cfg.logit_chunk_tokens} positions a chunk" if self.cfg.logit_chunk_tokens else ""
+            parts.append(f"LM head and loss at label positions only{chunks}")
+        if self.cfg.frozen_vision_no_grad:
+            parts.append("frozen vision stages without autograd")
+        if self.cache is not None:
+            parts.append(f"vision feature cache of {self.cfg.vision_cache_mib} MiB")
+        return "fast path: " + "; ".join(parts)
+
+
+def place_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Put the image features, in order, at the image-token positions of the token embeddings."""
+    tokens = int(image_mask.sum())
+    if tokens * embeds.shape[-1] != features.numel():
+        raise ValueError(f"{tokens} image tokens for {features.shape[0] * features.shape[1]} image features")
+    return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+
+def check_cacheable(inner: nn.Module) -> None:
+    """The cache is exact only for a frozen, dropout-free vision tower whose full weights this process holds."""
+    vision = inner.vision_tower
+    if not is_frozen(vision):
+        raise ValueError("params: train: fast: vision_cache_mib needs a frozen vision tower "
+                         "(freeze_backbone: true, backbone_lora.r: 0)")
+    if has_dropout(vision) or has_dropout(inner.multi_modal_projector):
+        raise ValueError("params: train: fast: vision_cache_mib needs a vision path without dropout")
+    if any(hasattr(p, "ds_id") for p in vision.parameters()):
+        raise ValueError("params: train: fast: vision_cache_mib does not work with DeepSpeed ZeRO-3")
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
+    """Make `model` (an InternVL model, with or without peft) train through `FastForward`; None when every
+    switch is off (the stock path)."""
+    if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib):
+        return None
+    base = unwrap(model)
+    fast = FastForward(base, cfg)
+    base.forward = fast
+    return fast

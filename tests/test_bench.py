@@ -1,0 +1,119 @@
+"""The training-step benchmark: its batches, its two modes, its accounting and one real run on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from internvl_sft.bench import (
+    BatchShape,
+    FlopCounts,
+    loss_check,
+    mode_configs,
+    model_folder,
+    parse_args,
+    run,
+    synthetic_batch,
+    tokens_per_tile,
+)
+from internvl_sft.data.template import IGNORE_INDEX
+from internvl_sft.fast import STOCK
+from internvl_sft.preset import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = BatchShape(batch_size=3, tiles=2, prompt_tokens=5, answer_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return resolve(ROOT / "presets/internvl2-1b-random.yaml", ROOT / "params.yaml")[0]
+
+
+def test_reference_is_the_seed_recipe_and_fast_its_fast_path(recipe):
+    configs = mode_configs(parse_args([]), recipe.train)
+    reference, fast = configs["reference"], configs["fast"]
+    assert reference.fast == STOCK and reference.grad_checkpoint
+    assert (reference.llm_lora.r, reference.llm_lora.alpha) == (64, 128)
+    assert reference.freeze_llm and reference.freeze_mlp and reference.freeze_backbone
+    assert fast.fast.answer_logits_only and fast.fast.frozen_vision_no_grad and fast.grad_checkpoint
+    assert fast.llm_lora == reference.llm_lora
+    off = mode_configs(parse_args(["--fast-grad-checkpoint", "off", "--logit-chunk-tokens", "64"]), recipe.train)
+    assert not off["fast"].grad_checkpoint and off["fast"].fast.logit_chunk_tokens == 64
+    assert off["reference"].grad_checkpoint
+
+
+def test_synthetic_batch_is_padded_with_loss_on_answers_only(tiny_native):
+    config = AutoConfig.from_pretrained(tiny_native)
+    batch = synthetic_batch(config, SHAPE, torch.Generator().manual_seed(0))
+    again = synthetic_batch(config, SHAPE, torch.Generator().manual_seed(0))
+    assert all(torch.equal(batch[key], again[key]) for key in batch)
+    image_tokens = SHAPE.tiles * tokens_per_tile(config)
+    assert tokens_per_tile(config) == 16 and batch["pixel_values"].shape == (6, 3, 112, 112)
+    lengths = batch["attention_mask"].sum(dim=1)
+    answers = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
+    assert torch.equal(lengths, SHAPE.prompt_tokens + image_tokens + answers)
+    assert len(set(lengths.tolist())) > 1, "lengths vary, so the batch is padded"
+    assert ((answers >= 14) & (answers <= 18)).all()
+    assert ((batch["input_ids"] == config.image_token_id).sum(dim=1) == image_tokens).all()
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
+    assert (batch["attention_mask"][labelled] == 1).all()
+
+
+def test_useful_flops_follow_the_documented_accounting():
+    counts = FlopCounts(vision_params=10, llm_params=7, patches_per_tile=4)
+    batch = {"pixel_values": torch.zeros(3, 3, 8, 8), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    assert counts.useful_flops(batch) == 2 * 10 * 3 * 4 + 4 * 7 * 7
+
+
+def test_loss_check_uses_a_tolerance_of_the_dtype():
+    assert loss_check(2.0, 2.0 + 1e-6, torch.float32)["equal"]
+    assert not loss_check(2.0, 2.001, torch.float32)["equal"]
+    assert loss_check(2.0, 2.01, torch.bfloat16)["equal"]
+    assert not loss_check(2.0, 2.1, torch.bfloat16)["equal"]
+
+
+def test_bench_runs_both_modes_on_the_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "internvl_sft.bench", "--size", "tiny", "--steps", "2", "--warmup", "1",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"reference", "fast"}
+    for mode in report["modes"].values():
+        assert mode["samples_per_s"] > 0 and mode["tokens_per_s"] > mode["samples_per_s"]
+        assert mode["mfu"] is None and mode["peak_memory_bytes"] is None  # no GPU, no peak FLOP/s given
+    assert report["modes"]["reference"]["fast"]["answer_logits_only"] is False
+    assert report["modes"]["fast"]["fast"]["answer_logits_only"] is True
+    check = report["first_batch_loss"]
+    assert check["equal"] and check["reference"] == pytest.approx(check["fast"], rel=1e-5)
+    assert report["shape"] == {"batch_size": 4, "tiles": 7, "prompt_tokens": 16, "answer_tokens": 128}
+    assert report["ratios"]["samples_per_s"] > 0
+    assert "first-batch loss" in result.stdout and "fast/reference" in result.stdout
+
+
+def test_cache_of_the_fast_mode_hits_when_batches_repeat(tmp_path):
+    args = parse_args(["--size", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--tiles", "3",
+                       "--vision-cache-mib", "8", "--distinct-batches", "1", "--params", str(ROOT / "params.yaml"),
+                       "--preset", str(ROOT / "presets/internvl2-1b-random.yaml"), "--build-dir", str(tmp_path)])
+    report = run(args)
+    assert "vision_cache" not in report["modes"]["reference"]
+    assert report["modes"]["fast"]["vision_cache"]["misses"] == 2 * 3
+    assert report["modes"]["fast"]["vision_cache"]["hits"] == 2 * (2 * 3)
+    assert report["first_batch_loss"]["equal"] and report["distinct_batches"] == 1
+    assert random_checkpoint_reused(tmp_path)
+
+
+def random_checkpoint_reused(folder: Path) -> bool:
+    """A second build in the same folder finds the checkpoint and leaves it untouched."""
+    stamp = (folder / "native/model.safetensors").stat().st_mtime_ns
+    args = parse_args(["--size", "tiny", "--params", str(ROOT / "params.yaml"), "--build-dir", str(folder)])
+    with model_folder(args) as native:
+        return native == folder / "native" and (native / "model.safetensors").stat().st_mtime_ns == stamp

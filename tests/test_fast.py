@@ -1,0 +1,239 @@
+"""The fast training forward gives the stock loss and gradients; the vision feature cache hits and misses."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from internvl_sft.config import FastConfig, LoraConfig, TrainConfig
+from internvl_sft.data.dataset import content_digest
+from internvl_sft.data.template import IGNORE_INDEX
+from internvl_sft.fast import (
+    STOCK,
+    FeatureCache,
+    answer_loss,
+    install_fast_path,
+    run_stages,
+    tensor_bytes,
+)
+from internvl_sft.model.load import load_model, prepare_for_training
+
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA = TrainConfig(llm_lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LLM_TARGETS), grad_checkpoint=False)
+FAST = FastConfig()
+# Three right-padded samples: (text tokens, tiles of an image, answer tokens) pieces in order.
+SAMPLES = (
+    (("text", 5), ("image", 3), ("text", 4), ("answer", 6), ("text", 3), ("answer", 4)),
+    (("text", 8), ("answer", 5)),
+    (("text", 3), ("image", 1), ("text", 2), ("image", 2), ("text", 2), ("answer", 7)),
+)
+TILES = 6
+
+
+def tile_keys(pixel_values: torch.Tensor) -> list[str]:
+    return [content_digest((str(tuple(tile.shape)), tensor_bytes(tile))) for tile in pixel_values]
+
+
+def padded_batch(config, seed: int = 0) -> dict:
+    """input_ids / labels / attention_mask / pixel_values (+ tile keys) of SAMPLES, padded with token 0."""
+    generator = torch.Generator().manual_seed(seed)
+    side = config.vision_config.image_size[0] // config.vision_config.patch_size[0]
+    per_tile = int(side * side * config.downsample_ratio**2)
+    rows = []
+    for pieces in SAMPLES:
+        ids, labels = [], []
+        for kind, count in pieces:
+            if kind == "image":
+                ids += [config.image_token_id] * (count * per_tile)
+                labels += [IGNORE_INDEX] * (count * per_tile)
+                continue
+            tokens = torch.randint(1, config.image_token_id, (count,), generator=generator).tolist()
+            ids += tokens
+            labels += tokens if kind == "answer" else [IGNORE_INDEX] * count
+        rows.append((ids, labels))
+    longest = max(len(ids) for ids, _ in rows)
+    batch = {
+        "input_ids": torch.zeros(len(rows), longest, dtype=torch.long),
+        "labels": torch.full((len(rows), longest), IGNORE_INDEX),
+        "attention_mask": torch.zeros(len(rows), longest, dtype=torch.long),
+    }
+    for row, (ids, labels) in enumerate(rows):
+        batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
+        batch["labels"][row, : len(ids)] = torch.tensor(labels)
+        batch["attention_mask"][row, : len(ids)] = 1
+    size = config.vision_config.image_size[0]
+    batch["pixel_values"] = torch.randn(TILES, 3, size, size, generator=generator)
+    return batch
+
+
+def training_model(tiny_native, cfg: TrainConfig, fast: FastConfig, random_lora_b):
+    """The model as the train stage prepares it; the same LoRA weights for every call with the same cfg."""
+    torch.manual_seed(0)
+    model = prepare_for_training(load_model(tiny_native), cfg)
+    random_lora_b(model)
+    install_fast_path(model, fast)
+    return model
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """fp32 equality up to summation order: elementwise within 1e-5 of the tensor's largest magnitude."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_answer_loss_equals_the_model_loss_without_lora(tiny_native):
+    model = load_model(tiny_native).eval()
+    batch = padded_batch(model.config)
+    with torch.no_grad():
+        stock = model(**batch).loss
+        stock_items = model(**batch, num_items_in_batch=40).loss
+        install_fast_path(model, FAST)
+        fast = model(**batch).loss
+        fast_items = model(**batch, num_items_in_batch=40).loss
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert labelled == 22 and fast_items == pytest.approx(float(fast) * labelled / 40, rel=1e-6)
+    torch.testing.assert_close(fast, stock, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_items, stock_items, rtol=1e-6, atol=1e-6)
+
+
+def test_answer_loss_chunks_give_the_same_loss():
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9), generator=generator)
+    labels[0, :4] = IGNORE_INDEX
+    head = torch.nn.Linear(16, 50, bias=False)
+    whole = answer_loss(hidden, labels, head)
+    (whole_grad,) = torch.autograd.grad(whole, hidden)
+    chunked = answer_loss(hidden, labels, head, chunk_tokens=3)
+    (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+    reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(whole, reference)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(chunked_grad, whole_grad)
+
+
+@pytest.mark.parametrize(
+    ("grad_checkpoint", "freeze_mlp", "fast"),
+    [
+        (False, True, FAST),
+        (True, True, dataclasses.replace(FAST, logit_chunk_tokens=5)),
+        (True, False, dataclasses.replace(FAST, vision_cache_mib=4)),
+    ],
+    ids=["lora", "grad-checkpoint-chunks", "trainable-projector-cache"],
+)
+def test_lora_loss_and_gradients_equal_the_stock_ones(tiny_native, random_lora_b, grad_checkpoint, freeze_mlp, fast):
+    cfg = dataclasses.replace(LORA, grad_checkpoint=grad_checkpoint, freeze_mlp=freeze_mlp)
+    stock_model = training_model(tiny_native, cfg, STOCK, random_lora_b)
+    fast_model = training_model(tiny_native, cfg, fast, random_lora_b)
+    batch = padded_batch(stock_model.config)
+    stock_loss, stock_grads = loss_and_grads(stock_model, batch)
+    fast_loss, fast_grads = loss_and_grads(fast_model, {**batch, "tile_keys": tile_keys(batch["pixel_values"])})
+    torch.testing.assert_close(fast_loss, stock_loss, rtol=1e-6, atol=1e-6)
+    assert fast_grads.keys() == stock_grads.keys()
+    assert any("multi_modal_projector" in name for name in fast_grads) is not freeze_mlp
+    for name, grad in stock_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert_close_to_scale(fast_grads[name], grad, name)
+
+
+def vision_output_requires_grad(model, batch: dict) -> bool:
+    seen = []
+    tower = model.get_base_model().model.vision_tower
+    handle = tower.register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state))
+    try:
+        model(**batch).loss.backward()
+    finally:
+        handle.remove()
+    return seen[0].requires_grad
+
+
+def test_frozen_vision_tower_runs_without_autograd(tiny_native, random_lora_b):
+    """With gradient checkpointing, peft makes the patch embedding require gradients: the stock path then
+    records the whole frozen vision tower for backward; the fast path does not."""
+    cfg = dataclasses.replace(LORA, grad_checkpoint=True)
+    batch = padded_batch(load_model(tiny_native).config)
+    assert vision_output_requires_grad(training_model(tiny_native, cfg, STOCK, random_lora_b), batch)
+    assert not vision_output_requires_grad(training_model(tiny_native, cfg, FAST, random_lora_b), batch)
+
+
+def test_cached_features_equal_recomputed_ones_and_changes_miss(tiny_native, random_lora_b):
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, vision_cache_mib=4), random_lora_b)
+    fast = model.get_base_model().forward
+    inner = model.get_base_model().model
+    pixels = padded_batch(model.config)["pixel_values"]
+    keys = tile_keys(pixels)
+    first = fast.image_features(pixels, keys)
+    assert (fast.cache.hits, fast.cache.misses) == (0, TILES)
+    again = fast.image_features(pixels, keys)
+    assert (fast.cache.hits, fast.cache.misses) == (TILES, TILES)
+    with torch.no_grad():
+        recomputed = run_stages(inner, pixels, 0, 2)
+    torch.testing.assert_close(again, recomputed, rtol=0, atol=0)
+    torch.testing.assert_close(first, recomputed, rtol=0, atol=0)
+
+    changed = pixels.clone()
+    changed[2, :, :4, :4] += 0.5
+    fast.image_features(changed, tile_keys(changed))
+    assert (fast.cache.hits, fast.cache.misses) == (2 * TILES - 1, TILES + 1)
+
+    with torch.no_grad():
+        inner.vision_tower.encoder.layer[0].mlp.fc1.weight.mul_(1.01)
+    fresh = fast.image_features(pixels, keys)
+    assert fast.cache.misses == 2 * TILES + 1
+    assert not torch.equal(fresh, first)
+
+
+def test_cache_keeps_its_size_bound_dropping_the_least_recently_used():
+    cache = FeatureCache(max_bytes=2 * 64 * 4)
+    for name in "abc":
+        if name == "c":
+            assert cache.get("a") is not None  # "a" is now more recent than "b"
+        cache.put(name, torch.zeros(64))
+    assert set(cache.entries) == {"a", "c"} and cache.bytes == 2 * 64 * 4
+    cache.put("huge", torch.zeros(1000))
+    assert "huge" not in cache.entries
+
+
+def test_cache_refuses_a_trainable_vision_tower(tiny_native):
+    cfg = dataclasses.replace(LORA, backbone_lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",)))
+    model = prepare_for_training(load_model(tiny_native), cfg)
+    with pytest.raises(ValueError, match="frozen vision tower"):
+        install_fast_path(model, dataclasses.replace(FAST, vision_cache_mib=4))
+
+
+def test_every_switch_off_keeps_the_stock_forward(tiny_native):
+    model = prepare_for_training(load_model(tiny_native), LORA)
+    assert install_fast_path(model, STOCK) is None
+    assert "forward" not in vars(model.get_base_model())
+
+
+def one_sgd_step(tiny_native, fast: FastConfig, batch: dict, tmp_path, random_lora_b) -> dict[str, torch.Tensor]:
+    """LoRA weights after one Trainer step of SGD over two accumulated micro-batches (loss scaling matters)."""
+    model = training_model(tiny_native, LORA, fast, random_lora_b)
+    items = [{key: value[row] for key, value in batch.items() if key != "pixel_values"} for row in (1, 0)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                             weight_decay=0.0, max_grad_norm=0.0, use_cpu=True, report_to=[], save_strategy="no",
+                             remove_unused_columns=False, logging_strategy="no")
+    collate = lambda rows: {key: torch.stack([row[key] for row in rows]) for key in rows[0]}  # noqa: E731
+    Trainer(model=model, args=args, train_dataset=items, data_collator=collate).train()
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_trainer_step_equals_the_stock_one(tiny_native, random_lora_b, tmp_path):
+    """The Trainer divides by the label tokens of the whole accumulated batch; the fast forward must too."""
+    batch = padded_batch(load_model(tiny_native).config)
+    stock = one_sgd_step(tiny_native, STOCK, batch, tmp_path / "stock", random_lora_b)
+    fast = one_sgd_step(tiny_native, FAST, batch, tmp_path / "fast", random_lora_b)
+    before = training_model(tiny_native, LORA, STOCK, random_lora_b)
+    moved = [n for n, p in before.named_parameters() if p.requires_grad and not torch.equal(p, stock[n])]
+    assert moved
+    for name, weight in stock.items():
+        assert_close_to_scale(fast[name], weight, name)
