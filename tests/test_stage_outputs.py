@@ -69,7 +69,7 @@ def pretrained_args(project) -> list[str]:
 KILLS = {
     "data": (lambda p: p.dataset, data_args, "internvl_sft.stages.data", "check"),
     "pretrained": (lambda p: p.native, pretrained_args, "internvl_sft.model.convert", "write_json"),
-    "merge": (lambda p: p.root / "merged", merge_args, "internvl_sft.stages.merge", "load_tokenizer"),
+    "merge": (lambda p: p.root / "merged", merge_args, "internvl_sft.stages.merge", "copy_tokenizer_files"),
 }
 
 
