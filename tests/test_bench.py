@@ -1,6 +1,7 @@
 """The training-step benchmark: its batches, its two modes, its accounting and one real run on the CPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_bench_runs_both_modes_on_the_cpu(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "internvl_sft.bench", "--size", "tiny", "--steps", "2", "--warmup", "1",
          "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
