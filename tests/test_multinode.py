@@ -6,12 +6,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from tiny_project import ROOT, tiny_project
+from tiny_project import ROOT, tiny_project, train_environment
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +25,8 @@ def free_port() -> int:
 
 
 def launch_node(project, rank: int, port: int) -> subprocess.Popen:
-    env = {**os.environ, "GPUS": "1", "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = train_environment(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            OMP_NUM_THREADS="1")
     log = open(project.root / f"node{rank}.log", "w")
     return subprocess.Popen(project.train_command(project.root / "out"), cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)

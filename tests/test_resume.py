@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_project import ROOT, tiny_project
+from tiny_project import ROOT, tiny_project, train_environment
 
 from internvl_sft.stages.train import checkpoint_to_resume, is_complete_checkpoint
 
@@ -23,25 +21,8 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(ROOT / "src"),
-        "GPUS": "1",
-        "MASTER_PORT": str(free_port()),
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-
-
 def train(project, run: Path) -> str:
-    result = subprocess.run(project.train_command(run), cwd=ROOT, env=environment(), capture_output=True,
+    result = subprocess.run(project.train_command(run), cwd=ROOT, env=train_environment(), capture_output=True,
                             text=True)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result.stdout + result.stderr
@@ -49,7 +30,7 @@ def train(project, run: Path) -> str:
 
 def kill_after_first_checkpoint(project, run: Path) -> None:
     """Start training, wait for a complete checkpoint, then SIGKILL the launcher and all its children."""
-    process = subprocess.Popen(project.train_command(run), cwd=ROOT, env=environment(), start_new_session=True,
+    process = subprocess.Popen(project.train_command(run), cwd=ROOT, env=train_environment(), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

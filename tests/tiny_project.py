@@ -3,10 +3,13 @@ data and pretrained stages run in-process on absolute paths (no working-director
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import yaml
 
+from internvl_sft.preset import overlay
 from internvl_sft.stages import data as data_stage
 from internvl_sft.stages import pretrained as pretrained_stage
 
@@ -18,12 +21,10 @@ SMALL = {
 }
 
 
-def merged(base: dict, override: dict) -> dict:
-    """`base` with the keys of `override` replaced, nested sections merged key by key."""
-    result = dict(base)
-    for key, value in override.items():
-        result[key] = merged(base.get(key, {}), value) if isinstance(value, dict) else value
-    return result
+def train_environment(**extra: str) -> dict[str, str]:
+    """The environment of a CPU training launch from the tests: this interpreter's tools first, no GPU."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT / "src"), "GPUS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 class TinyProject:
@@ -40,7 +41,7 @@ class TinyProject:
     def write_params(self, override: dict) -> None:
         base = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
         self.root.mkdir(parents=True, exist_ok=True)
-        self.params.write_text(yaml.safe_dump(merged(base, merged(SMALL, override))), encoding="utf-8")
+        self.params.write_text(yaml.safe_dump(overlay(base, overlay(SMALL, override))), encoding="utf-8")
 
     def run_data(self) -> None:
         data_stage.main(["--params", str(self.params), "--out", str(self.dataset), "--report", str(self.report)])
