@@ -62,6 +62,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def join_process_group(training_args: TrainingArguments) -> None:
+    """Join the process group before the model is loaded. Under ZeRO-3 transformers loads the weights already
+    partitioned (deepspeed.zero.Init), which counts the processes through DeepSpeed's communication layer; until
+    that layer knows the group it counts one and rejects the batch sizes of any multi-process run."""
+    if training_args.deepspeed and training_args.world_size > 1:
+        import deepspeed  # only runs with a DeepSpeed config pay for its import
+
+        deepspeed.init_distributed()
+
+
 def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dtype) -> TrainingArguments:
     cfg = params.train
     deepspeed = None if cfg.deepspeed == "none" else DEEPSPEED_CONFIGS[cfg.deepspeed]
@@ -100,6 +110,13 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
     )
 
 
+def global_batch_size(args: TrainingArguments) -> int:
+    """Samples per optimizer step over all processes. Length groups of this size make the order of the samples,
+    and so every step's batch, the same for any number of processes (the data loader hands each process its
+    share of consecutive per-device batches)."""
+    return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
 class InternVLTrainer(Trainer):
     """Trainer whose length grouping reads precomputed sample lengths instead of loading every sample.
 
@@ -115,8 +132,7 @@ class InternVLTrainer(Trainer):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler(batch, lengths=dataset.lengths)
+        return LengthGroupedSampler(global_batch_size(self.args), lengths=dataset.lengths)
 
 
 class CurvesCallback(TrainerCallback):
@@ -258,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     train_set = build_dataset(args.train_meta, tokenizer, sidecar, params.inputs, seed, tile_keys=tile_keys)
     val_set = build_dataset(args.val_meta, tokenizer, sidecar, params.inputs, seed, tile_keys=tile_keys)
     training_args = training_arguments(params, args, dtype)
+    join_process_group(training_args)
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
     print(trainable_summary(model), fast.describe() if fast else "stock training forward", sep="\n", flush=True)
