@@ -396,13 +396,18 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def publish(report: dict, text: str, out: Path) -> None:
+    """Print a benchmark's table and write its report as JSON."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(text)
+    print(f"written to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(table(report))
-    print(f"written to {args.out}")
+    publish(report, table(report), args.out)
     if not report["first_batch_loss"]["equal"]:
         raise SystemExit(1)
 

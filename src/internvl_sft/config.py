@@ -127,6 +127,8 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     deepspeed: Literal["none", "zero1", "zero2", "zero3"] = "none"
     dataloader_num_workers: int = 0
+    dataloader_pin_memory: bool = True
+    dataloader_prefetch_factor: int = 2
     freeze_llm: bool = True
     freeze_mlp: bool = True
     freeze_backbone: bool = True

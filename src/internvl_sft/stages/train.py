@@ -101,7 +101,8 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=cfg.dataloader_pin_memory and torch.cuda.is_available(),
+        dataloader_prefetch_factor=cfg.dataloader_prefetch_factor if cfg.dataloader_num_workers else None,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable (LoRA / projector) weight is used in each step
         deepspeed=deepspeed,
