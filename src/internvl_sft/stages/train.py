@@ -34,6 +34,7 @@ from internvl_sft.model.load import (
 )
 from internvl_sft.paths import atomic_write_text, publish, staging_dir
 from internvl_sft.process import die_with_launcher
+from internvl_sft.reshard import prepare_resume
 
 DEEPSPEED_CONFIGS = {
     "zero1": "shell/zero_stage1_config.json",
@@ -228,22 +229,6 @@ def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None) -> di
     return summary
 
 
-def zero_partitions(checkpoint: Path) -> int:
-    """How many data-parallel ranks wrote a DeepSpeed checkpoint's optimizer state (0: not a DeepSpeed one)."""
-    return len(list(checkpoint.glob("global_step*/*zero_pp_rank_*_optim_states.pt")))
-
-
-def check_zero_partitions(checkpoint: Path, processes: int) -> None:
-    """DeepSpeed cannot re-partition ZeRO optimizer state: refuse early and say what to do instead."""
-    saved = zero_partitions(checkpoint)
-    if saved and saved != processes:
-        raise SystemExit(
-            f"{checkpoint}: written by {saved} DeepSpeed ZeRO process(es), but this run has {processes}. ZeRO "
-            f"optimizer state cannot be re-partitioned: resume with GPUS={saved} (x nodes), or delete "
-            f"{checkpoint.parent} to start afresh. Without DeepSpeed, runs resume on any process count."
-        )
-
-
 def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace, summary: dict) -> None:
     """Write the (best) adapter, the resolved parameters and the run summary, then publish them in one rename.
 
@@ -294,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     with training_args.main_process_first(local=False, desc="checkpoint check"):
         last = checkpoint_to_resume(Path(args.checkpoint_dir), run_fingerprint(params, args))
     if last:
-        check_zero_partitions(Path(last), world_size())
+        prepare_resume(trainer, Path(last), world_size(), params.train.deepspeed)
         print(f"resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
     summary = run_summary(result.metrics, trainer, fast)
