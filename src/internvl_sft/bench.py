@@ -41,7 +41,14 @@ from internvl_sft.data.synthetic import LEXICON
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import STOCK, install_fast_path, tensor_bytes, unwrap
 from internvl_sft.model.convert import upstream_to_native
-from internvl_sft.model.load import attention_implementation, load_model, prepare_for_training, resolve_dtype
+from internvl_sft.model.load import (
+    attention_implementation,
+    inference_device,
+    load_model,
+    prepare_for_training,
+    resolve_dtype,
+)
+from internvl_sft.paths import write_report
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.preset import resolve
 from internvl_sft.stages.pretrained import tiny_sizes
@@ -147,9 +154,7 @@ def model_folder(args: argparse.Namespace) -> Iterator[Path]:
 
 
 def tokens_per_tile(config: PretrainedConfig) -> int:
-    vision = config.vision_config
-    side = first(vision.image_size) // first(vision.patch_size)
-    return int(side * side * config.downsample_ratio**2)
+    return int(patches_per_tile(config) * config.downsample_ratio**2)
 
 
 def patches_per_tile(config: PretrainedConfig) -> int:
@@ -368,7 +373,7 @@ def table(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     recipe = resolve(args.preset, args.params)[0]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     dtype = resolve_dtype(args.precision)
     shape = batch_shape(args, recipe)
     configs = mode_configs(args, recipe.train)
@@ -396,18 +401,10 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def publish(report: dict, text: str, out: Path) -> None:
-    """Print a benchmark's table and write its report as JSON."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(text)
-    print(f"written to {out}")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    publish(report, table(report), args.out)
+    write_report(report, table(report), args.out)
     if not report["first_batch_loss"]["equal"]:
         raise SystemExit(1)
 

@@ -19,12 +19,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
-from internvl_sft.bench import publish
-from internvl_sft.data.dataset import build_dataset, collate
+from internvl_sft.data.dataset import build_dataset, collate, loader_options
 from internvl_sft.model.load import load_tokenizer, read_sidecar
+from internvl_sft.paths import write_report
 from internvl_sft.preset import resolve
 
 
@@ -47,9 +46,7 @@ def loader(dataset, workers: int, batch_size: int, samples: int, pad_token_id: i
     order = [index % len(dataset) for index in range(samples)]
     return DataLoader(
         dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-        collate_fn=partial(collate, pad_token_id=pad_token_id),
-        pin_memory=train_cfg.dataloader_pin_memory and torch.cuda.is_available(),
-        prefetch_factor=train_cfg.dataloader_prefetch_factor if workers else None,
+        collate_fn=partial(collate, pad_token_id=pad_token_id), **loader_options(train_cfg, workers),
     )
 
 
@@ -108,7 +105,7 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    publish(report, table(report), args.out)
+    write_report(report, table(report), args.out)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from internvl_sft.config import load_params
-from internvl_sft.data.template import IMAGE_PLACEHOLDER
 from internvl_sft.data.images import load_image
+from internvl_sft.data.meta import with_image_placeholder
 from internvl_sft.draw import PREDICTION, Target, annotate
 from internvl_sft.infer import Predictor, Query
 from internvl_sft.metrics import Action, parse_action, parse_box
@@ -66,9 +66,7 @@ class Chat:
         self.history: tuple[tuple[str, str], ...] = ()
 
     def ask(self, question: str) -> str:
-        if not self.history and IMAGE_PLACEHOLDER not in question:
-            question = f"{IMAGE_PLACEHOLDER}\n{question}"
-        turns = (*self.history, ("human", question))
+        turns = tuple(with_image_placeholder([*self.history, ("human", question)], images=1))
         answer = self.predictor.generate([Query(images=(self.image,), conversations=turns)])[0]
         self.history = (*turns, ("gpt", answer))
         return answer

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from internvl_sft.data.images import load_image
+from internvl_sft.data.template import IMAGE_PLACEHOLDER
 from internvl_sft.draw import GROUND_TRUTH, PREDICTION, Mark, Target, annotate
 from internvl_sft.metrics import (
     ACTOR,
@@ -234,7 +235,7 @@ def screenshot_html(row: Mapping[str, Any]) -> str:
 
 
 def strip_placeholder(prompt: str) -> str:
-    return prompt.replace("<image>\n", "").replace("<image>", "").strip()
+    return prompt.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 def shorten(answer: str) -> str:

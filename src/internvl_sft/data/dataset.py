@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from internvl_sft.config import InputsConfig
+from internvl_sft.config import InputsConfig, TrainConfig
 from internvl_sft.data.images import ImageProblem, load_image, oriented_size
 from internvl_sft.data.meta import DataError, Sample, load_meta, read_samples
 from internvl_sft.data.template import (
@@ -279,6 +279,13 @@ def read_meta_samples(meta_path: str | Path, seed: int) -> list[Sample]:
     if not samples:
         raise DataError([f"{meta_path}:1: the datasets listed hold no samples"])
     return samples
+
+
+def loader_options(train: TrainConfig, workers: int) -> dict:
+    """Data-loader settings from the train section: page-locked batches only where a GPU takes them, prefetch
+    only with worker processes (torch refuses it without)."""
+    return {"pin_memory": train.dataloader_pin_memory and torch.cuda.is_available(),
+            "prefetch_factor": train.dataloader_prefetch_factor if workers else None}
 
 
 def build_dataset(

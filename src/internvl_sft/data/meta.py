@@ -84,8 +84,12 @@ def utf8_problem(raw: bytes) -> str | None:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+        return utf8_reason(raw, err)
     return None
+
+
+def utf8_reason(raw: bytes, err: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
 
 
 def is_text(value: Any) -> bool:
@@ -233,10 +237,12 @@ def parse_line(spec: DatasetSpec, number: int, raw: bytes, problems: list[Proble
 
 def decode_line(raw: bytes) -> tuple[Any, list[str]]:
     """The JSON value of an annotation line, or None and the reason why it has none."""
-    if reason := utf8_problem(raw):
-        return None, [reason]
     try:
-        return json.loads(raw.decode("utf-8").rstrip("\r\n")), []
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, [utf8_reason(raw, err)]
+    try:
+        return json.loads(text.rstrip("\r\n")), []
     except json.JSONDecodeError as err:
         return None, [f"invalid JSON: {err.msg} (column {err.colno})"]
     except RecursionError:

@@ -22,7 +22,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from internvl_sft.config import Params, gradient_accumulation, load_params, to_dict
-from internvl_sft.data.dataset import build_dataset, collate
+from internvl_sft.data.dataset import build_dataset, collate, loader_options
 from internvl_sft.fast import FastForward, install_fast_path
 from internvl_sft.model.load import (
     load_model,
@@ -102,8 +102,7 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        dataloader_pin_memory=cfg.dataloader_pin_memory and torch.cuda.is_available(),
-        dataloader_prefetch_factor=cfg.dataloader_prefetch_factor if cfg.dataloader_num_workers else None,
+        **{f"dataloader_{key}": value for key, value in loader_options(cfg, cfg.dataloader_num_workers).items()},
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable (LoRA / projector) weight is used in each step
         deepspeed=deepspeed,
