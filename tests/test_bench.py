@@ -82,7 +82,7 @@ def test_bench_runs_both_modes_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "internvl_sft.bench", "--size", "tiny", "--steps", "2", "--warmup", "1",
-         "--out", str(out)],
+         "--profile-steps", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -98,6 +98,8 @@ def test_bench_runs_both_modes_on_the_cpu(tmp_path):
     assert report["shape"] == {"batch_size": 4, "tiles": 7, "prompt_tokens": 16, "answer_tokens": 128}
     assert report["ratios"]["samples_per_s"] > 0
     assert "first-batch loss" in result.stdout and "fast/reference" in result.stdout
+    for mode in ("reference", "fast"):
+        assert "aten::mm" in (tmp_path / f"bench_{mode}_profile.txt").read_text()
 
 
 def test_cache_of_the_fast_mode_hits_when_batches_repeat(tmp_path):

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import peft
@@ -78,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gradient checkpointing of the fast mode (default: the recipe's, as the reference)")
     parser.add_argument("--logit-chunk-tokens", type=int, help="of the fast mode (default: params train.fast)")
     parser.add_argument("--vision-cache-mib", type=int, help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--compile", choices=("on", "off"), help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after the timed steps, profile this many more of each mode (torch.profiler) and "
+                             "write the operators that took the most device time next to --out")
     parser.add_argument("--distinct-batches", type=int, default=0,
                         help="cycle through this many batches, as epochs repeat data (default 0: all distinct)")
     parser.add_argument("--peak-tflops", type=float,
@@ -87,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="build the random checkpoint here and reuse it later (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("work_dirs/bench/bench.json"))
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.distinct_batches < 0:
-        parser.error("--steps must be >= 1, --warmup and --distinct-batches >= 0")
+    if args.steps < 1 or min(args.warmup, args.distinct_batches, args.profile_steps) < 0:
+        parser.error("--steps must be >= 1, --warmup, --distinct-batches and --profile-steps >= 0")
     return args
 
 
@@ -113,7 +118,8 @@ def batch_shape(args: argparse.Namespace, recipe: Params) -> BatchShape:
 
 def mode_configs(args: argparse.Namespace, recipe: TrainConfig) -> dict[str, TrainConfig]:
     """The recipe with every fast switch off (reference) and as params and the command line set them (fast)."""
-    overrides = {"logit_chunk_tokens": args.logit_chunk_tokens, "vision_cache_mib": args.vision_cache_mib}
+    overrides = {"logit_chunk_tokens": args.logit_chunk_tokens, "vision_cache_mib": args.vision_cache_mib,
+                 "compile": None if args.compile is None else args.compile == "on"}
     fast = dataclasses.replace(recipe.fast, **{key: value for key, value in overrides.items() if value is not None})
     checkpointing = recipe.grad_checkpoint if args.fast_grad_checkpoint is None else args.fast_grad_checkpoint == "on"
     return {
@@ -259,7 +265,7 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], conte
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def train_step(model, optimizer, params: list[torch.nn.Parameter], batch: dict, cfg: TrainConfig,
+def train_step(model, optimizer, params: list[torch.nn.Parameter], batch: dict, *, cfg: TrainConfig,
                autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
     with autocast():
         loss = model(**batch).loss
@@ -271,7 +277,24 @@ def train_step(model, optimizer, params: list[torch.nn.Parameter], batch: dict, 
     return loss.detach()
 
 
-def run_mode(model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argparse.Namespace,
+def profile_table(step: Callable[[dict], torch.Tensor], batches: list[dict], device: torch.device,
+                  out: Path) -> None:
+    """Run `step` on each batch under torch.profiler; write the operators sorted by their own device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for batch in batches:
+            step(batch)
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=70) + "\n",
+                   encoding="utf-8")
+    print(f"profile of {len(batches)} step(s) written to {out}", flush=True)
+
+
+def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argparse.Namespace,
              device: torch.device, dtype: torch.dtype) -> tuple[dict, FlopCounts]:
     """Train `cfg` on `batches`; time all but the first --warmup steps."""
     release_memory(device)
@@ -288,10 +311,15 @@ def run_mode(model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argpa
         if index == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        losses.append(train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg, autocast))
+        losses.append(train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg=cfg,
+                                 autocast=autocast))
     synchronize(device)
     seconds = time.perf_counter() - start
     result = timing(batches[args.warmup:], seconds, counts, args, device)
+    if args.profile_steps:
+        step = partial(train_step, model, optimizer, params, cfg=cfg, autocast=autocast)
+        profile_table(step, [model_inputs(b, cfg, device) for b in batches[:args.profile_steps]], device,
+                      args.out.with_name(f"{args.out.stem}_{mode}_profile.txt"))
     result["first_batch_loss"] = float(losses[0])
     result["grad_checkpoint"] = cfg.grad_checkpoint
     result["fast"] = dataclasses.asdict(cfg.fast)
@@ -383,7 +411,7 @@ def run(args: argparse.Namespace) -> dict:
                                pinned=device.type == "cuda")
         results, counts = {}, None
         for mode in MODES:
-            results[mode], counts = run_mode(model_dir, configs[mode], batches, args, device, dtype)
+            results[mode], counts = run_mode(mode, model_dir, configs[mode], batches, args, device, dtype)
     return {
         "environment": environment(device, dtype),
         "model": str(args.model) if args.model else f"random, --size {args.size}",

@@ -106,6 +106,7 @@ class FastConfig:
     logit_chunk_tokens: int = 0
     frozen_vision_no_grad: bool = True
     vision_cache_mib: int = 0
+    compile: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -269,21 +269,31 @@ class FastForward:
         return run_stages(inner, values, frozen, len(VISION_STAGES))
 
     def cached_stages(self, pixel_values: torch.Tensor, tile_keys: list[str], frozen: int) -> torch.Tensor:
-        """The output of the first `frozen` stages per tile, computed only for tiles not in the cache."""
+        """The output of the first `frozen` stages per tile, computed only for tiles not in the cache. New rows
+        reach the cache and cached rows the device in one copy each way."""
         if len(tile_keys) != len(pixel_values):
             raise ValueError(f"{len(tile_keys)} tile keys for {len(pixel_values)} tiles")
         prefix = f"{frozen}:{self.fingerprint(frozen)}:"
         keys = [prefix + key for key in tile_keys]
         found = [self.cache.get(key) for key in keys]
         missing = [index for index, value in enumerate(found) if value is None]
+        hits = [index for index, value in enumerate(found) if value is not None]
+        fresh = None
         if missing:
             with torch.no_grad():
                 fresh = run_stages(self.model.model, pixel_values[missing], 0, frozen)
-            for index, row in zip(missing, fresh):
+            for index, row in zip(missing, fresh.cpu()):
                 self.cache.put(keys[index], row)
-                found[index] = row
-        dtype = found[missing[0]].dtype if missing else found[0].dtype
-        return torch.stack([value.to(pixel_values.device, dtype, non_blocking=True) for value in found])
+        if not hits:
+            return fresh
+        cached = torch.stack([found[index] for index in hits])
+        if pixel_values.device.type == "cuda":
+            cached = cached.pin_memory()
+        values = torch.empty((len(keys), *cached.shape[1:]), dtype=cached.dtype, device=pixel_values.device)
+        values[hits] = cached.to(pixel_values.device, non_blocking=True)
+        if fresh is not None:
+            values[missing] = fresh.to(cached.dtype)
+        return values
 
     def fingerprint(self, frozen: int) -> str:
         if frozen not in self.fingerprints:
@@ -299,6 +309,8 @@ class FastForward:
             parts.append("frozen vision stages without autograd")
         if self.cache is not None:
             parts.append(f"vision feature cache of {self.cfg.vision_cache_mib} MiB")
+        if self.cfg.compile:
+            parts.append("transformer blocks compiled")
         return "fast path: " + "; ".join(parts)
 
 
@@ -326,9 +338,22 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block of the language model and of the vision tower (blocks of one kind
+    share their compiled code); returns how many. Fuses the element-wise work around the matrix products
+    (norms, activations, rotary embeddings, LoRA scaling), not exact to the last bit."""
+    inner = unwrap(model).model
+    blocks = [*inner.language_model.layers, *inner.vision_tower.encoder.layer]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
     """Make `model` (an InternVL model, with or without peft) train through `FastForward`; None when every
     switch is off (the stock path)."""
+    if cfg.compile:
+        compile_blocks(model)
     if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib):
         return None
     base = unwrap(model)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from functools import partial
 from pathlib import Path
 
@@ -147,6 +148,42 @@ class CurvesCallback(TrainerCallback):
             write_curves(state.log_history, self.curves_dir)
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of training alone: from the end of one optimizer step to the end of the next (data loading,
+    forward, backward, update, logging), leaving out the intervals that held an evaluation or a checkpoint save
+    and the first `warmup_steps` of a run (allocator and kernel warm-up). The throughput to compare across
+    process counts."""
+
+    def __init__(self, warmup_steps: int = 2):
+        self.warmup_steps = warmup_steps
+        self.last: float | None = None
+        self.interrupted = False
+        self.seconds = 0.0
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize()
+        now = time.perf_counter()
+        if self.last is not None and not self.interrupted and state.global_step > self.warmup_steps:
+            self.seconds += now - self.last
+            self.steps += 1
+        self.last, self.interrupted = now, False
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.interrupted = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.interrupted = True
+
+    def samples_per_second(self, global_batch: int) -> float | None:
+        return round(self.steps * global_batch / self.seconds, 3) if self.steps else None
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def write_curves(history: list[dict], curves_dir: Path) -> None:
     curves_dir.mkdir(parents=True, exist_ok=True)
     train = [(h["step"], h["epoch"], h["loss"], h.get("learning_rate", "")) for h in history if "loss" in h]
@@ -213,11 +250,15 @@ def peak_gpu_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None) -> dict:
-    """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter."""
+def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None, timer: StepTimer) -> dict:
+    """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter.
+    `train_samples_per_second` is the Trainer's (evaluations and saves included); `step_samples_per_second` counts
+    the timed optimizer steps only."""
     summary = {
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
+        "step_samples_per_second": timer.samples_per_second(global_batch_size(trainer.args)),
+        "timed_steps": timer.steps,
         "train_steps": trainer.state.global_step,
         "world_size": world_size(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -263,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
     print(trainable_summary(model), fast.describe() if fast else "stock training forward", sep="\n", flush=True)
+    timer = StepTimer()
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
@@ -272,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[
             EarlyStoppingCallback(params.train.early_stopping_patience),
             CurvesCallback(Path(args.curves_dir)),
+            timer,
         ],
         group_by_length=params.train.group_by_length,
     )
@@ -281,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare_resume(trainer, Path(last), world_size(), params.train.deepspeed)
         print(f"resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
-    summary = run_summary(result.metrics, trainer, fast)
+    summary = run_summary(result.metrics, trainer, fast, timer)
     print(json.dumps(summary), flush=True)
     save_adapter(trainer, params, args, summary)
 
