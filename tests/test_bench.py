@@ -13,7 +13,9 @@ from transformers import AutoConfig
 from internvl_sft.bench import (
     BatchShape,
     FlopCounts,
+    grouped,
     loss_check,
+    merge_batches,
     mode_configs,
     model_folder,
     parse_args,
@@ -65,6 +67,24 @@ def test_synthetic_batch_is_padded_with_loss_on_answers_only(tiny_native):
     assert (batch["attention_mask"][labelled] == 1).all()
 
 
+def test_merged_batches_hold_every_sample_right_padded(tiny_native):
+    config = AutoConfig.from_pretrained(tiny_native)
+    generator = torch.Generator().manual_seed(1)
+    parts = [synthetic_batch(config, SHAPE, generator) for _ in range(2)]
+    merged = merge_batches(parts)
+    longest = max(part["input_ids"].shape[1] for part in parts)
+    assert merged["input_ids"].shape == (6, longest)
+    assert merged["pixel_values"].shape[0] == 6 * SHAPE.tiles
+    for index, part in enumerate(parts):
+        rows, width = slice(3 * index, 3 * index + 3), part["input_ids"].shape[1]
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(merged[key][rows, :width], part[key])
+        assert (merged["attention_mask"][rows, width:] == 0).all()
+        assert (merged["labels"][rows, width:] == IGNORE_INDEX).all()
+    steps = grouped(parts, 2)  # as many steps as batches given, cycling through them
+    assert len(steps) == 2 and all(torch.equal(step["input_ids"], merged["input_ids"]) for step in steps)
+
+
 def test_useful_flops_follow_the_documented_accounting():
     counts = FlopCounts(vision_params=10, llm_params=7, patches_per_tile=4)
     batch = {"pixel_values": torch.zeros(3, 3, 8, 8), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
@@ -111,7 +131,23 @@ def test_cache_of_the_fast_mode_hits_when_batches_repeat(tmp_path):
     assert report["modes"]["fast"]["vision_cache"]["misses"] == 2 * 3
     assert report["modes"]["fast"]["vision_cache"]["hits"] == 2 * (2 * 3)
     assert report["first_batch_loss"]["equal"] and report["distinct_batches"] == 1
+    assert report["modes"]["reference"]["batch_size"] == report["modes"]["fast"]["batch_size"] == 2
     assert random_checkpoint_reused(tmp_path)
+
+
+def test_fast_mode_trains_several_reference_batches_a_step(tmp_path):
+    args = parse_args(["--size", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--tiles", "3",
+                       "--fast-batch-size", "4", "--params", str(ROOT / "params.yaml"),
+                       "--preset", str(ROOT / "presets/internvl2-1b-random.yaml"), "--build-dir", str(tmp_path)])
+    report = run(args)
+    assert report["modes"]["reference"]["batch_size"] == 2 and report["modes"]["fast"]["batch_size"] == 4
+    assert report["first_batch_loss"]["equal"]
+
+
+def test_fast_batch_size_must_be_a_multiple_of_the_batch_size(tmp_path):
+    args = parse_args(["--size", "tiny", "--batch-size", "2", "--fast-batch-size", "3", "--build-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not a multiple"):
+        run(args)
 
 
 def random_checkpoint_reused(folder: Path) -> bool:

@@ -13,8 +13,10 @@ presets/internvl2-1b-random.yaml), or a given native checkpoint.
 
 Warm-up steps are not timed; CUDA is synchronised around the timed steps. Useful FLOPs per sample are
 2 x vision-tower parameters x patch tokens (forward only) + 4 x language-model parameters x non-padding tokens
-(forward and backward), MFU is their rate over --peak-tflops. Both modes must give the same loss on the first
-batch (within a tolerance of the dtype); otherwise the command exits with status 1 after writing its report.
+(forward and backward), MFU is their rate over --peak-tflops. Before training, both modes must give the same loss on the first
+batch (without dropout, within a tolerance of the dtype); otherwise the command exits with status 1 after writing
+its report. With --fast-batch-size the fast mode trains several of the reference's batches in one step, as a
+larger per-device batch with less gradient accumulation does in training (same global batch).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
+from torch.nn import functional as F
 from transformers import PretrainedConfig
 
 from internvl_sft.config import Params, TrainConfig, load_params
@@ -80,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit-chunk-tokens", type=int, help="of the fast mode (default: params train.fast)")
     parser.add_argument("--vision-cache-mib", type=int, help="of the fast mode (default: params train.fast)")
     parser.add_argument("--compile", choices=("on", "off"), help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--fast-batch-size", type=int,
+                        help="samples a step of the fast mode, a multiple of --batch-size: the reference's batches "
+                             "trained that many at once, as a larger per-device batch with less accumulation does "
+                             "(default: the same as the reference)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after the timed steps, profile this many more of each mode (torch.profiler) and "
                              "write the operators that took the most device time next to --out")
@@ -94,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or min(args.warmup, args.distinct_batches, args.profile_steps) < 0:
         parser.error("--steps must be >= 1, --warmup, --distinct-batches and --profile-steps >= 0")
+    if args.fast_batch_size is not None and args.fast_batch_size < 1:
+        parser.error("--fast-batch-size must be >= 1")
     return args
 
 
@@ -221,6 +230,24 @@ def step_batches(config: PretrainedConfig, shape: BatchShape, args: argparse.Nam
     return [distinct[index % len(distinct)] for index in range(args.warmup + args.steps)]
 
 
+def merge_batches(batches: list[dict]) -> dict:
+    """One batch holding the samples of `batches`, right-padded to the longest."""
+    longest = max(batch["input_ids"].shape[1] for batch in batches)
+    fills = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    merged = {key: torch.cat([F.pad(batch[key], (0, longest - batch[key].shape[1]), value=fill) for batch in batches])
+              for key, fill in fills.items()}
+    merged["pixel_values"] = torch.cat([batch["pixel_values"] for batch in batches])
+    if "tile_keys" in batches[0]:
+        merged["tile_keys"] = [key for batch in batches for key in batch["tile_keys"]]
+    return merged
+
+
+def grouped(batches: list[dict], per_step: int) -> list[dict]:
+    """The batches in steps of `per_step` each, cycling through them as often as needed."""
+    return [merge_batches([batches[(step * per_step + k) % len(batches)] for k in range(per_step)])
+            for step in range(len(batches))]
+
+
 @dataclasses.dataclass(frozen=True)
 class FlopCounts:
     """Parameter counts behind the useful-FLOP accounting of a training step."""
@@ -294,9 +321,20 @@ def profile_table(step: Callable[[dict], torch.Tensor], batches: list[dict], dev
     print(f"profile of {len(batches)} step(s) written to {out}", flush=True)
 
 
-def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], args: argparse.Namespace,
-             device: torch.device, dtype: torch.dtype) -> tuple[dict, FlopCounts]:
-    """Train `cfg` on `batches`; time all but the first --warmup steps."""
+def evaluation_loss(model: torch.nn.Module, batch: dict,
+                    autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
+    """The loss of `batch` without dropout or autograd: what both modes must agree on."""
+    model.eval()
+    with torch.no_grad(), autocast():
+        loss = float(model(**batch).loss)
+    model.train()
+    return loss
+
+
+def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], check_batch: dict,
+             args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[dict, FlopCounts]:
+    """The loss of `check_batch` before training, then train `cfg` on `batches`, timing all but the first
+    --warmup steps."""
     release_memory(device)
     torch.manual_seed(args.seed)
     model = prepare_for_training(load_model(model_dir, dtype), cfg).to(device)
@@ -306,13 +344,14 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     counts, autocast = flop_counts(model), autocast_for(device, dtype)
-    losses, start = [], time.perf_counter()
+    check_inputs = {k: v for k, v in model_inputs(check_batch, cfg, device).items() if k != "tile_keys"}
+    check_loss = evaluation_loss(model, check_inputs, autocast)  # computed, not cached
+    start = time.perf_counter()
     for index, batch in enumerate(batches):
         if index == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        losses.append(train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg=cfg,
-                                 autocast=autocast))
+        train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg=cfg, autocast=autocast)
     synchronize(device)
     seconds = time.perf_counter() - start
     result = timing(batches[args.warmup:], seconds, counts, args, device)
@@ -320,7 +359,8 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
         step = partial(train_step, model, optimizer, params, cfg=cfg, autocast=autocast)
         profile_table(step, [model_inputs(b, cfg, device) for b in batches[:args.profile_steps]], device,
                       args.out.with_name(f"{args.out.stem}_{mode}_profile.txt"))
-    result["first_batch_loss"] = float(losses[0])
+    result["first_batch_loss"] = check_loss
+    result["batch_size"] = int(batches[0]["input_ids"].shape[0])
     result["grad_checkpoint"] = cfg.grad_checkpoint
     result["fast"] = dataclasses.asdict(cfg.fast)
     if fast is not None and fast.cache is not None:
@@ -388,7 +428,8 @@ def table(report: dict) -> str:
     rows = [("samples/s", "samples_per_s", "rate"), ("tokens/s", "tokens_per_s", "rate"),
             ("MFU (useful FLOPs)", "mfu", "percent"), ("peak GPU memory (GiB)", "peak_memory_gib", "rate")]
     modes, ratios = report["modes"], report["ratios"]
-    lines = [f"{'':24}{'reference':>14}{'fast':>14}{'fast/reference':>16}"]
+    lines = [f"{'':24}{'reference':>14}{'fast':>14}{'fast/reference':>16}",
+             f"{'samples a step':24}{modes['reference']['batch_size']:>14}{modes['fast']['batch_size']:>14}"]
     for label, key, kind in rows:
         lines.append(f"{label:24}{format_value(modes['reference'][key], kind):>14}"
                      f"{format_value(modes['fast'][key], kind):>14}{format_value(ratios[key], 'ratio'):>16}")
@@ -397,6 +438,14 @@ def table(report: dict) -> str:
     lines.append(f"first-batch loss: reference {check['reference']:.6f}, fast {check['fast']:.6f} "
                  f"(|diff| {check['abs_diff']:.2e}, relative tolerance {check['rtol']:g}): {verdict}")
     return "\n".join(lines)
+
+
+def fast_steps_of(args: argparse.Namespace, shape: BatchShape) -> int:
+    """How many of the reference's batches one step of the fast mode trains."""
+    size = args.fast_batch_size or shape.batch_size
+    if size % shape.batch_size:
+        raise SystemExit(f"--fast-batch-size {size} is not a multiple of the batch size {shape.batch_size}")
+    return size // shape.batch_size
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -409,9 +458,12 @@ def run(args: argparse.Namespace) -> dict:
         config = transformers.AutoConfig.from_pretrained(model_dir)
         batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib),
                                pinned=device.type == "cuda")
+        per_step = fast_steps_of(args, shape)
+        mode_batches = {"reference": batches, "fast": grouped(batches, per_step) if per_step > 1 else batches}
         results, counts = {}, None
         for mode in MODES:
-            results[mode], counts = run_mode(mode, model_dir, configs[mode], batches, args, device, dtype)
+            results[mode], counts = run_mode(mode, model_dir, configs[mode], mode_batches[mode], batches[0], args,
+                                             device, dtype)
     return {
         "environment": environment(device, dtype),
         "model": str(args.model) if args.model else f"random, --size {args.size}",
