@@ -237,3 +237,19 @@ def test_a_trainer_step_equals_the_stock_one(tiny_native, random_lora_b, tmp_pat
     assert moved
     for name, weight in stock.items():
         assert_close_to_scale(fast[name], weight, name)
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_native, random_lora_b):
+    cfg = dataclasses.replace(LORA, grad_checkpoint=True)
+    plain = training_model(tiny_native, cfg, FAST, random_lora_b)
+    compiled = training_model(tiny_native, cfg, dataclasses.replace(FAST, compile=True), random_lora_b)
+    inner = compiled.get_base_model().model
+    assert all(block._compiled_call_impl is not None
+               for block in (*inner.language_model.layers, *inner.vision_tower.encoder.layer))
+    batch = padded_batch(plain.config)
+    plain_loss, plain_grads = loss_and_grads(plain, batch)
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
+    torch.testing.assert_close(compiled_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
+                                   msg=name)

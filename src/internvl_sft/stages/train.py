@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_combination(cfg) -> None:
+    """Refuse settings that do not work together before any model is loaded."""
+    if cfg.fast.compile and cfg.deepspeed == "zero3":
+        raise SystemExit("params: train: fast: compile is not supported with deepspeed: zero3 (its per-module "
+                         "parameter gathering runs inside the blocks); use zero1 or zero2, or compile: false")
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -291,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with_launcher()
     args = parse_args(argv)
     params = load_params(args.params)
+    check_combination(params.train)
     set_seed(params.train.seed)
     os.environ["TENSORBOARD_LOGGING_DIR"] = args.log_dir
     dtype = resolve_dtype(params.train.precision)

@@ -1,5 +1,8 @@
-"""The training-only throughput of the train stage: evaluations, saves and warm-up steps are left out."""
+"""Units of the train stage: the training-only throughput (evaluations, saves and warm-up steps left out) and
+the settings refused together."""
 
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -39,3 +42,11 @@ def test_no_timed_step_gives_no_throughput(clock):
     end_step(timer, clock, 1, 1.0)
     end_step(timer, clock, 2, 1.0)
     assert timer.samples_per_second(global_batch=16) is None
+
+
+def test_compiled_blocks_and_zero3_are_refused_together():
+    cfg = train.load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
+    compiled = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, compile=True))
+    train.check_combination(compiled)
+    with pytest.raises(SystemExit, match="compile is not supported with deepspeed: zero3"):
+        train.check_combination(dataclasses.replace(compiled, deepspeed="zero3"))
