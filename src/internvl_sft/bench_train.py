@@ -1,0 +1,182 @@
+"""Whole-run benchmark: the train stage with the stock training step (reference) and with the fast settings, one
+after the other on the same data, base model and seed; wall time (evaluations and checkpoint saves included),
+throughput, and how close the two runs' loss curves are.
+
+    python -m internvl_sft.bench_train [--preset FILE] [--fast-set KEY=VALUE ...] [--epochs N] [--out DIR]
+
+Both runs train the recipe of --preset over --params with the train stage's command of dvc.yaml (so GPUS,
+NNODES and the other launcher variables apply), their outputs under --out/<mode>. The reference has every
+`train.fast` switch off: transformers' forward, as the upstream recipe trains. The fast run trains the whole
+global batch in one pass per process (`train.per_device_batch_size` = global batch / processes, no gradient
+accumulation) with the fast path as params set it, then each --fast-set (default: compiled blocks and the vision
+feature cache) on top. The data and base model are the ones in data/ and pretrained/: run the data and
+pretrained stages for the same recipe first.
+
+Same global batch and seed give the same samples at every step; LoRA dropout draws its masks per micro-batch, so
+with dropout the curves agree statistically, without it up to the training dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from internvl_sft.config import ConfigError, Params, build
+from internvl_sft.paths import write_report
+from internvl_sft.preset import load_preset, overlay, parse_assignment, unflatten
+
+MODES = ("reference", "fast")
+STOCK_SWITCHES = {"answer_logits_only": False, "logit_chunk_tokens": 0, "frozen_vision_no_grad": False,
+                  "vision_cache_mib": 0, "compile": False}
+DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=16384")
+RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
+
+
+def launched_processes() -> int:
+    return int(os.environ.get("GPUS", "1")) * int(os.environ.get("NNODES", "1"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--preset", type=Path, help="a recipe over --params (default: --params as it is)")
+    parser.add_argument("--epochs", type=float, help="train.num_train_epochs of both runs (default: the recipe's)")
+    parser.add_argument("--processes", type=int, default=launched_processes(),
+                        help="training processes of a run, GPUS x NNODES as the launcher reads them (default: "
+                             "from the environment): the fast run's per-device batch is the global batch over it")
+    parser.add_argument("--fast-set", type=parse_assignment, action="append", metavar="KEY=VALUE",
+                        help=f"a parameter of the fast run, repeatable (default: {' '.join(DEFAULT_FAST_SET)})")
+    parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="where the train command is read")
+    parser.add_argument("--out", type=Path, default=Path("work_dirs/bench_train"))
+    args = parser.parse_args(argv)
+    if args.fast_set is None:
+        args.fast_set = [parse_assignment(text) for text in DEFAULT_FAST_SET]
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
+    return args
+
+
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    base = yaml.safe_load(args.params.read_text(encoding="utf-8")) or {}
+    resolved = overlay(base, load_preset(args.preset)) if args.preset else base
+    if args.epochs is not None:
+        resolved = overlay(resolved, {"train": {"num_train_epochs": args.epochs}})
+    return resolved
+
+
+def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The parameters of each run, validated against the schema."""
+    base = recipe(args)
+    global_batch = base["train"]["global_batch_size"]
+    if global_batch % args.processes:
+        raise ConfigError(f"train.global_batch_size {global_batch} does not split over {args.processes} processes")
+    fast = overlay(base, {"train": {"per_device_batch_size": global_batch // args.processes}})
+    fast = overlay(fast, unflatten(dict(args.fast_set)))
+    modes = {"reference": overlay(base, {"train": {"fast": STOCK_SWITCHES}}), "fast": fast}
+    for mode, params in modes.items():
+        build(Params, params, where=f"{mode} run of bench_train")
+    return modes
+
+
+def train_command(dvc_yaml: Path, params_file: Path, run_dir: Path) -> list[str]:
+    """dvc.yaml's train command with this run's params file and output folders."""
+    command = shlex.split(yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]["train"]["cmd"])
+    replacements = {"--params": str(params_file)}
+    replacements.update({option: str(run_dir / option.removeprefix("--").removesuffix("-dir"))
+                         for option in RUN_OPTIONS})
+    for option, value in replacements.items():
+        if option not in command:
+            raise SystemExit(f"{dvc_yaml}: the train command has no {option}")
+        command[command.index(option) + 1] = value
+    return command
+
+
+def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Train one mode from scratch; its wall time and the train stage's run summary."""
+    run_dir = args.out / mode
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    params_file = run_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    log = run_dir / "train.log"
+    print(f"training {mode} (log: {log})", flush=True)
+    start = time.perf_counter()
+    with log.open("w", encoding="utf-8") as handle:
+        code = subprocess.run(train_command(args.dvc_yaml, params_file, run_dir), stdout=handle,
+                              stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - start
+    if code:
+        raise SystemExit(f"the {mode} run failed (exit status {code}); see {log}")
+    summary = json.loads((run_dir / "adapter" / "train_summary.json").read_text(encoding="utf-8"))
+    return {"wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
+
+
+def loss_curves(curves_dir: Path) -> dict[str, list[float]]:
+    def column(name: str, key: str) -> list[float]:
+        with (curves_dir / name).open(newline="", encoding="utf-8") as handle:
+            return [float(row[key]) for row in csv.DictReader(handle)]
+
+    return {"train_loss": column("train.csv", "loss"), "eval_loss": column("eval.csv", "eval_loss")}
+
+
+def largest_relative_difference(values: list[float], reference: list[float]) -> float | None:
+    if len(values) != len(reference) or not reference:
+        return None
+    return max(abs(value - ref) / abs(ref) for value, ref in zip(values, reference))
+
+
+def comparison(runs: dict[str, dict]) -> dict[str, Any]:
+    reference, fast = runs["reference"], runs["fast"]
+    return {
+        "wall_speedup": reference["wall_s"] / fast["wall_s"],
+        "train_loss_max_rel_diff": largest_relative_difference(fast["train_loss"], reference["train_loss"]),
+        "eval_loss_max_rel_diff": largest_relative_difference(fast["eval_loss"], reference["eval_loss"]),
+    }
+
+
+def table(report: dict) -> str:
+    runs, compared = report["runs"], report["comparison"]
+
+    def row(label: str, values: list[str]) -> str:
+        return f"{label:34}" + "".join(f"{value:>14}" for value in values)
+
+    def number(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [row("", list(MODES)),
+             row("wall time (s)", [number(runs[m]["wall_s"], ",.1f") for m in MODES]),
+             row("training samples/s", [number(runs[m]["summary"].get("step_samples_per_second"), ",.2f")
+                                        for m in MODES]),
+             row("peak GPU memory (GiB, rank 0)", [number(runs[m]["summary"].get("peak_gpu_memory_gib_rank0"), ".2f")
+                                                   for m in MODES]),
+             row("steps", [str(len(runs[m]["train_loss"])) for m in MODES]),
+             row("last eval loss", [number(runs[m]["eval_loss"][-1] if runs[m]["eval_loss"] else None, ".5f")
+                                    for m in MODES]),
+             f"wall-time speed-up: {compared['wall_speedup']:.2f}x; largest relative difference of the fast run's "
+             f"step losses {number(compared['train_loss_max_rel_diff'], '.2e')}, of its eval losses "
+             f"{number(compared['eval_loss_max_rel_diff'], '.2e')}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = mode_params(args)
+    runs = {mode: run_training(mode, params[mode], args) for mode in MODES}
+    report = {"recipe": {"params": str(args.params), "preset": str(args.preset) if args.preset else None,
+                         "epochs": args.epochs, "fast_set": dict(args.fast_set)},
+              "runs": runs, "comparison": comparison(runs)}
+    write_report(report, table(report), args.out / "bench_train.json")
+
+
+if __name__ == "__main__":
+    main()
