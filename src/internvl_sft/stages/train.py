@@ -22,7 +22,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from internvl_sft.config import Params, gradient_accumulation, load_params, to_dict
+from internvl_sft.config import Params, TrainConfig, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate, loader_options
 from internvl_sft.fast import FastForward, install_fast_path
 from internvl_sft.model.load import (
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_combination(cfg) -> None:
+def check_combination(cfg: TrainConfig) -> None:
     """Refuse settings that do not work together before any model is loaded."""
     if cfg.fast.compile and cfg.deepspeed == "zero3":
         raise SystemExit("params: train: fast: compile is not supported with deepspeed: zero3 (its per-module "
