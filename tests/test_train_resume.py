@@ -1,11 +1,13 @@
-"""Resuming a training run on another process count: ZeRO-1/2 state through DeepSpeed's universal form,
-RNG states for every process, ZeRO-3 refused with what to do."""
+"""Resuming a training run on another process count: ZeRO state through DeepSpeed's universal form, RNG states
+for every process, the corrections ZeRO-3's universal load needs."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from internvl_sft.reshard import prepare_resume, write_rng_states, zero_partitions
+import torch
+
+from internvl_sft.reshard import prepare_resume, restore_groups, write_rng_states, zero_partitions
 
 
 def zero_checkpoint(root, ranks: int):
@@ -31,11 +33,25 @@ def test_a_plain_checkpoint_resumes_on_any_process_count(tmp_path):
     assert not prepare_resume(SimpleNamespace(), plain, processes=4, zero="none")
 
 
-def test_zero3_on_another_process_count_is_refused_with_what_to_do(tmp_path):
-    checkpoint = zero_checkpoint(tmp_path, 1)
-    with pytest.raises(SystemExit, match=r"checkpoint-33: written by 1 DeepSpeed ZeRO-3 process\(es\), but this run "
-                                         r"has 2.*GPUS=1"):
-        prepare_resume(SimpleNamespace(), checkpoint, processes=2, zero="zero3")
+def test_zero3_groups_get_their_own_settings_and_step_counters_back():
+    shared = torch.tensor(3.0)  # DeepSpeed's ZeRO-3 universal load: one counter, the first group's settings
+    first, second = torch.zeros(2), torch.zeros(2)
+    inner = SimpleNamespace(state={first: {"step": shared}, second: {"step": shared}})
+    optimizer = SimpleNamespace(optimizer=inner, param_groups=[{"params": [], "weight_decay": 0.01, "lr": 1.0},
+                                                               {"params": [], "weight_decay": 0.01, "lr": 1.0}])
+    restore_groups(optimizer, [{"weight_decay": 0.01, "lr": 0.5}, {"weight_decay": 0.0, "lr": 0.5}], "checkpoint-3")
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+    assert all(group["lr"] == 0.5 and group["params"] == [] for group in optimizer.param_groups)
+    steps = [state["step"] for state in inner.state.values()]
+    assert steps[0] is not steps[1] and all(float(step) == 3.0 for step in steps)
+    steps[0].add_(1)
+    assert float(steps[1]) == 3.0
+
+
+def test_a_different_number_of_groups_is_an_error():
+    optimizer = SimpleNamespace(optimizer=SimpleNamespace(state={}), param_groups=[{"params": []}])
+    with pytest.raises(RuntimeError, match="checkpoint-3: 2 optimizer parameter groups saved, 1 in this run"):
+        restore_groups(optimizer, [{}, {}], "checkpoint-3")
 
 
 @pytest.mark.parametrize(("saved", "processes", "expected"), [

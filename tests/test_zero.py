@@ -1,6 +1,6 @@
 """One process against two at the same global batch, seed and data: the same training steps and the same
-adapter, for DeepSpeed ZeRO-1 on one process and ZeRO-3 (weights partitioned from loading on) on two, and for a
-ZeRO-2 run interrupted on two processes and resumed on one."""
+adapter, for DeepSpeed ZeRO-1 on one process and ZeRO-3 (weights partitioned from loading on) on two, and for
+ZeRO-2 and ZeRO-3 runs interrupted on two processes and resumed on one."""
 
 from __future__ import annotations
 
@@ -59,14 +59,15 @@ def adapters_equal(run, other) -> None:
         torch.testing.assert_close(actual[name], weight, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_zero2_interrupted_on_two_processes_resumes_on_one_as_if_never_stopped(tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_interrupted_on_two_processes_resumes_on_one_as_if_never_stopped(tmp_path, zero):
     project = tiny_project(tmp_path / "project", {**EXACT, "train": {**EXACT["train"], "save_total_limit": 3}})
-    train(project, "uninterrupted", 1, "zero2")
-    train(project, "moved", 2, "zero2")
+    train(project, "uninterrupted", 1, zero)
+    train(project, "moved", 2, zero)
     moved = project.root / "moved"
     shutil.rmtree(moved / "checkpoints/checkpoint-6")  # as if stopped after the first epoch's checkpoint
     shutil.rmtree(moved / "adapter")
-    log = train(project, "moved", 1, "zero2").stdout
+    log = train(project, "moved", 1, zero).stdout
     assert "checkpoint-3: ZeRO state of 2 process(es), resuming on 1" in log
     assert step_losses(moved) == pytest.approx(step_losses(project.root / "uninterrupted"), rel=1e-5)
     adapters_equal(project.root / "uninterrupted", moved)
