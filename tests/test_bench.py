@@ -24,7 +24,7 @@ from internvl_sft.bench import (
     tokens_per_tile,
 )
 from internvl_sft.data.template import IGNORE_INDEX
-from internvl_sft.fast import STOCK
+from internvl_sft.config import STOCK_FAST
 from internvl_sft.preset import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def recipe():
 def test_reference_is_the_seed_recipe_and_fast_its_fast_path(recipe):
     configs = mode_configs(parse_args([]), recipe.train)
     reference, fast = configs["reference"], configs["fast"]
-    assert reference.fast == STOCK and reference.grad_checkpoint
+    assert reference.fast == STOCK_FAST and reference.grad_checkpoint
     assert (reference.llm_lora.r, reference.llm_lora.alpha) == (64, 128)
     assert reference.freeze_llm and reference.freeze_mlp and reference.freeze_backbone
     assert fast.fast.answer_logits_only and fast.fast.frozen_vision_no_grad and fast.grad_checkpoint

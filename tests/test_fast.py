@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from internvl_sft.config import FastConfig, LoraConfig, TrainConfig
+from internvl_sft.config import STOCK_FAST, FastConfig, LoraConfig, TrainConfig
 from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
-    STOCK,
     FeatureCache,
     answer_loss,
     install_fast_path,
@@ -130,7 +129,7 @@ def test_answer_loss_chunks_give_the_same_loss():
 )
 def test_lora_loss_and_gradients_equal_the_stock_ones(tiny_native, random_lora_b, grad_checkpoint, freeze_mlp, fast):
     cfg = dataclasses.replace(LORA, grad_checkpoint=grad_checkpoint, freeze_mlp=freeze_mlp)
-    stock_model = training_model(tiny_native, cfg, STOCK, random_lora_b)
+    stock_model = training_model(tiny_native, cfg, STOCK_FAST, random_lora_b)
     fast_model = training_model(tiny_native, cfg, fast, random_lora_b)
     batch = padded_batch(stock_model.config)
     stock_loss, stock_grads = loss_and_grads(stock_model, batch)
@@ -159,7 +158,7 @@ def test_frozen_vision_tower_runs_without_autograd(tiny_native, random_lora_b):
     records the whole frozen vision tower for backward; the fast path does not."""
     cfg = dataclasses.replace(LORA, grad_checkpoint=True)
     batch = padded_batch(load_model(tiny_native).config)
-    assert vision_output_requires_grad(training_model(tiny_native, cfg, STOCK, random_lora_b), batch)
+    assert vision_output_requires_grad(training_model(tiny_native, cfg, STOCK_FAST, random_lora_b), batch)
     assert not vision_output_requires_grad(training_model(tiny_native, cfg, FAST, random_lora_b), batch)
 
 
@@ -210,7 +209,7 @@ def test_cache_refuses_a_trainable_vision_tower(tiny_native):
 
 def test_every_switch_off_keeps_the_stock_forward(tiny_native):
     model = prepare_for_training(load_model(tiny_native), LORA)
-    assert install_fast_path(model, STOCK) is None
+    assert install_fast_path(model, STOCK_FAST) is None
     assert "forward" not in vars(model.get_base_model())
 
 
@@ -230,9 +229,9 @@ def one_sgd_step(tiny_native, fast: FastConfig, batch: dict, tmp_path, random_lo
 def test_a_trainer_step_equals_the_stock_one(tiny_native, random_lora_b, tmp_path):
     """The Trainer divides by the label tokens of the whole accumulated batch; the fast forward must too."""
     batch = padded_batch(load_model(tiny_native).config)
-    stock = one_sgd_step(tiny_native, STOCK, batch, tmp_path / "stock", random_lora_b)
+    stock = one_sgd_step(tiny_native, STOCK_FAST, batch, tmp_path / "stock", random_lora_b)
     fast = one_sgd_step(tiny_native, FAST, batch, tmp_path / "fast", random_lora_b)
-    before = training_model(tiny_native, LORA, STOCK, random_lora_b)
+    before = training_model(tiny_native, LORA, STOCK_FAST, random_lora_b)
     moved = [n for n, p in before.named_parameters() if p.requires_grad and not torch.equal(p, stock[n])]
     assert moved
     for name, weight in stock.items():

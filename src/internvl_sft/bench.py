@@ -39,11 +39,11 @@ import transformers
 from torch.nn import functional as F
 from transformers import PretrainedConfig
 
-from internvl_sft.config import Params, TrainConfig, load_params
+from internvl_sft.config import STOCK_FAST, Params, TrainConfig, load_params
 from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.synthetic import LEXICON
 from internvl_sft.data.template import IGNORE_INDEX
-from internvl_sft.fast import STOCK, install_fast_path, tensor_bytes, unwrap
+from internvl_sft.fast import install_fast_path, tensor_bytes, unwrap
 from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import (
     attention_implementation,
@@ -132,7 +132,7 @@ def mode_configs(args: argparse.Namespace, recipe: TrainConfig) -> dict[str, Tra
     fast = dataclasses.replace(recipe.fast, **{key: value for key, value in overrides.items() if value is not None})
     checkpointing = recipe.grad_checkpoint if args.fast_grad_checkpoint is None else args.fast_grad_checkpoint == "on"
     return {
-        "reference": dataclasses.replace(recipe, fast=STOCK),
+        "reference": dataclasses.replace(recipe, fast=STOCK_FAST),
         "fast": dataclasses.replace(recipe, fast=fast, grad_checkpoint=checkpointing),
     }
 

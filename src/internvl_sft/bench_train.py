@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import shlex
@@ -31,13 +32,11 @@ from typing import Any
 
 import yaml
 
-from internvl_sft.config import ConfigError, Params, build
+from internvl_sft.config import STOCK_FAST, ConfigError, Params, build
 from internvl_sft.paths import write_report
-from internvl_sft.preset import load_preset, overlay, parse_assignment, unflatten
+from internvl_sft.preset import load_preset, overlay, params_with, parse_assignment, unflatten
 
 MODES = ("reference", "fast")
-STOCK_SWITCHES = {"answer_logits_only": False, "logit_chunk_tokens": 0, "frozen_vision_no_grad": False,
-                  "vision_cache_mib": 0, "compile": False}
 DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=16384")
 RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
 
@@ -67,11 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def recipe(args: argparse.Namespace) -> dict[str, Any]:
-    base = yaml.safe_load(args.params.read_text(encoding="utf-8")) or {}
-    resolved = overlay(base, load_preset(args.preset)) if args.preset else base
+    overrides = load_preset(args.preset) if args.preset else {}
     if args.epochs is not None:
-        resolved = overlay(resolved, {"train": {"num_train_epochs": args.epochs}})
-    return resolved
+        overrides = overlay(overrides, {"train": {"num_train_epochs": args.epochs}})
+    return params_with(args.params, overrides)
 
 
 def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -82,7 +80,7 @@ def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"train.global_batch_size {global_batch} does not split over {args.processes} processes")
     fast = overlay(base, {"train": {"per_device_batch_size": global_batch // args.processes}})
     fast = overlay(fast, unflatten(dict(args.fast_set)))
-    modes = {"reference": overlay(base, {"train": {"fast": STOCK_SWITCHES}}), "fast": fast}
+    modes = {"reference": overlay(base, {"train": {"fast": dataclasses.asdict(STOCK_FAST)}}), "fast": fast}
     for mode, params in modes.items():
         build(Params, params, where=f"{mode} run of bench_train")
     return modes

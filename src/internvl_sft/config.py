@@ -109,6 +109,9 @@ class FastConfig:
     compile: bool = False
 
 
+STOCK_FAST = FastConfig(answer_logits_only=False, frozen_vision_no_grad=False)  # every switch off: transformers' forward
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 42

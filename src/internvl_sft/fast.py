@@ -36,7 +36,6 @@ from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.template import IGNORE_INDEX
 
 MIB = 2**20
-STOCK = FastConfig(answer_logits_only=False, frozen_vision_no_grad=False)  # every switch off: transformers' forward
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

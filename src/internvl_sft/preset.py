@@ -75,12 +75,16 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def params_with(params: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The params file's tree with `overrides` on top (not validated)."""
+    return overlay(yaml.safe_load(params.read_text(encoding="utf-8")) or {}, overrides)
+
+
 def resolve(preset: Path, params: Path, extra: dict[str, Any] | None = None) -> tuple[Params, dict[str, Any]]:
     """The parameters that params + preset + extra overrides make (validated against the schema), and the
     overrides alone."""
     overrides = overlay(load_preset(preset), unflatten(extra or {}))
-    base = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
-    return build(Params, overlay(base, overrides), where=f"{params} + {preset}"), overrides
+    return build(Params, params_with(params, overrides), where=f"{params} + {preset}"), overrides
 
 
 def set_arguments(
