@@ -9,7 +9,7 @@ import pytest
 import yaml
 from tiny_project import ROOT, tiny_project, train_environment
 
-from internvl_sft.bench_train import mode_params, parse_args, train_command
+from internvl_sft.bench_train import main, mode_params, parse_args, train_command
 from internvl_sft.config import ConfigError
 
 
@@ -30,6 +30,11 @@ def test_a_global_batch_that_does_not_split_is_refused():
     args = parse_args(["--params", str(ROOT / "params.yaml"), "--processes", "3"])
     with pytest.raises(ConfigError, match="does not split over 3 processes"):
         mode_params(args)
+
+
+def test_an_unknown_fast_parameter_stops_with_its_name():
+    with pytest.raises(SystemExit, match="fast run of bench_train: train: fast: unknown key.s. bogus"):
+        main(["--params", str(ROOT / "params.yaml"), "--fast-set", "train.fast.bogus=1"])
 
 
 def test_the_train_command_is_dvc_yamls_with_the_runs_folders(tmp_path):

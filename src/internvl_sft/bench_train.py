@@ -168,7 +168,10 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    params = mode_params(args)
+    try:
+        params = mode_params(args)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     runs = {mode: run_training(mode, params[mode], args) for mode in MODES}
     report = {"recipe": {"params": str(args.params), "preset": str(args.preset) if args.preset else None,
                          "epochs": args.epochs, "fast_set": dict(args.fast_set)},
