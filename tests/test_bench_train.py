@@ -9,7 +9,7 @@ import pytest
 import yaml
 from tiny_project import ROOT, tiny_project, train_environment
 
-from internvl_sft.bench_train import main, mode_params, parse_args, train_command
+from internvl_sft.bench_train import comparison, earlier_run, main, mode_params, parse_args, train_command
 from internvl_sft.config import ConfigError
 
 
@@ -48,26 +48,80 @@ def test_the_train_command_is_dvc_yamls_with_the_runs_folders(tmp_path):
 
 @pytest.mark.slow
 def test_both_runs_train_the_same_steps_and_agree_without_dropout(tmp_path):
-    project = tiny_project(tmp_path / "project", {"train": {"num_train_epochs": 1, "global_batch_size": 4,
+    """The reference trains two of the three epochs and the fast run all three, in separate calls."""
+    project = tiny_project(tmp_path / "project", {"train": {"num_train_epochs": 3, "global_batch_size": 4,
                                                             "per_device_batch_size": 2,
                                                             "llm_lora": {"dropout": 0.0}}})
     (project.root / "shell").symlink_to(ROOT / "shell")
     out = project.root / "bench"
-    result = subprocess.run(
-        [sys.executable, "-m", "internvl_sft.bench_train", "--dvc-yaml", str(ROOT / "dvc.yaml"),
-         "--fast-set", "train.fast.vision_cache_mib=64", "--out", str(out)],
-        cwd=project.root, env=train_environment(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def bench(mode: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "internvl_sft.bench_train", "--dvc-yaml", str(ROOT / "dvc.yaml"),
+             "--fast-set", "train.fast.vision_cache_mib=64", "--reference-epochs", "2", "--modes", mode,
+             "--out", str(out)],
+            cwd=project.root, env=train_environment(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    assert "no fast run" in bench("reference").stdout
+    assert not (out / "bench_train.json").exists()
+    result = bench("fast")
     report = json.loads((out / "bench_train.json").read_text())
     reference, fast = report["runs"]["reference"], report["runs"]["fast"]
-    assert len(reference["train_loss"]) == len(fast["train_loss"]) >= 2
-    assert report["comparison"]["train_loss_max_rel_diff"] < 1e-4
-    assert report["comparison"]["eval_loss_max_rel_diff"] < 1e-4
-    assert report["comparison"]["wall_speedup"] > 0
+    assert len(fast["train_loss"]) == 3 * len(reference["train_loss"]) // 2 >= 3
+    assert len(reference["summary"]["epoch_seconds"]) == 2 and len(fast["summary"]["epoch_seconds"]) == 3
+    compared = report["comparison"]
+    assert compared["compared_steps"] == len(reference["train_loss"])
+    assert compared["train_loss_max_rel_diff"] < 1e-4
+    assert compared["eval_loss_max_rel_diff"] < 1e-4
+    assert compared["reference_wall_estimated"] and compared["reference_wall_s"] > reference["wall_s"]
     assert yaml_value(out / "fast/params.yaml", "per_device_batch_size") == 4
     assert yaml_value(out / "reference/params.yaml", "per_device_batch_size") == 2
-    assert "wall-time speed-up" in result.stdout
+    assert "wall-time speed-up" in result.stdout and "* estimated" in result.stdout
 
 
 def yaml_value(path, key):
     return yaml.safe_load(path.read_text())["train"][key]
+
+
+def run_result(stop_after: int, wall_s: float, epoch_seconds: list[float], losses: list[float]) -> dict:
+    return {"params": {"train": {"stop_after_epochs": stop_after}}, "wall_s": wall_s,
+            "summary": {"epoch_seconds": epoch_seconds}, "train_loss": losses, "eval_loss": losses[-1:]}
+
+
+def test_a_reference_cut_short_is_extrapolated_from_its_epochs_after_the_first():
+    runs = {"reference": run_result(2, wall_s=130.0, epoch_seconds=[70.0, 50.0], losses=[4.0, 3.0]),
+            "fast": run_result(0, wall_s=40.0, epoch_seconds=[10.0] * 4, losses=[4.0, 3.3, 2.0, 1.0])}
+    compared = comparison(runs, epochs=4)
+    assert compared["reference_wall_estimated"]
+    assert compared["reference_wall_s"] == pytest.approx(130.0 + 2 * 50.0)
+    assert compared["wall_speedup"] == pytest.approx(230.0 / 40.0)
+    assert compared["compared_steps"] == 2
+    assert compared["train_loss_max_rel_diff"] == pytest.approx(0.1)
+    assert compared["eval_loss_max_rel_diff"] == pytest.approx(2.0 / 3.0)
+
+
+def test_a_reference_of_one_epoch_gives_no_estimate_and_a_whole_one_is_measured():
+    fast = run_result(0, wall_s=40.0, epoch_seconds=[10.0] * 4, losses=[1.0])
+    assert comparison({"reference": run_result(1, 70.0, [70.0], [1.0]), "fast": fast}, 4)["wall_speedup"] is None
+    whole = comparison({"reference": run_result(0, 200.0, [50.0] * 4, [1.0]), "fast": fast}, 4)
+    assert not whole["reference_wall_estimated"] and whole["wall_speedup"] == pytest.approx(5.0)
+
+
+def test_runs_of_separate_calls_are_compared_only_with_the_same_parameters(tmp_path):
+    args = parse_args(["--params", str(ROOT / "params.yaml"), "--out", str(tmp_path)])
+    params = mode_params(args)["reference"]
+    assert earlier_run("reference", params, args) is None
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference/result.json").write_text(json.dumps({"params": params, "wall_s": 1.0}))
+    assert earlier_run("reference", params, args)["wall_s"] == 1.0
+    other = {**params, "train": {**params["train"], "learning_rate": 1.0}}
+    with pytest.raises(SystemExit, match="trained other parameters; train it again with --modes reference"):
+        earlier_run("reference", other, args)
+
+
+def test_modes_are_checked():
+    assert parse_args(["--modes", "fast"]).modes == ("fast",)
+    with pytest.raises(SystemExit):
+        parse_args(["--modes", "fast,quick"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny_project import ROOT, tiny_project, train_environment
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 300
 
 
-def train(project, run: Path) -> str:
-    result = subprocess.run(project.train_command(run), cwd=ROOT, env=train_environment(), capture_output=True,
+def train(project, run: Path, params: Path | None = None) -> str:
+    result = subprocess.run(project.train_command(run, params), cwd=ROOT, env=train_environment(), capture_output=True,
                             text=True)
     assert result.returncode == 0, f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result.stdout + result.stderr
@@ -70,22 +71,55 @@ def eval_losses(run: Path) -> list[str]:
     return (run / "curves/eval.csv").read_text().splitlines()
 
 
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter/adapter_model.safetensors")
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    expected, got = adapter_tensors(reference), adapter_tensors(run)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return tiny_project(tmp_path_factory.mktemp("resume"))
 
 
-def test_killed_training_resumes_to_the_same_adapter(project, tmp_path):
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    train(project, reference)
+@pytest.fixture(scope="module")
+def reference(project, tmp_path_factory):
+    """An uninterrupted run of the project's 3 epochs."""
+    run = tmp_path_factory.mktemp("reference")
+    train(project, run)
+    return run
+
+
+def test_killed_training_resumes_to_the_same_adapter(project, reference, tmp_path):
+    interrupted = tmp_path / "interrupted"
     kill_after_first_checkpoint(project, interrupted)
     log = train(project, interrupted)
     assert "resuming from" in log
-    expected = load_file(reference / "adapter/adapter_model.safetensors")
-    resumed = load_file(interrupted / "adapter/adapter_model.safetensors")
-    assert expected.keys() == resumed.keys()
-    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    assert_same_adapter(interrupted, reference)
     assert eval_losses(interrupted) == eval_losses(reference)
+
+
+def test_a_run_stopped_after_an_epoch_follows_the_whole_schedule_and_resumes_to_its_end(project, reference, tmp_path):
+    sliced = tmp_path / "sliced"
+    params = yaml.safe_load(project.params.read_text(encoding="utf-8"))
+    params["train"]["stop_after_epochs"] = 1
+    stopped_params = tmp_path / "params_stop1.yaml"
+    stopped_params.write_text(yaml.safe_dump(params), encoding="utf-8")
+    train(project, sliced, stopped_params)
+    first_epoch = (sliced / "curves/train.csv").read_text().splitlines()
+    whole = (reference / "curves/train.csv").read_text().splitlines()
+    assert len(whole) > len(first_epoch) > 1
+    assert first_epoch == whole[:len(first_epoch)], "the slice must train with the whole run's learning rates"
+    summary = json.loads((sliced / "adapter/train_summary.json").read_text(encoding="utf-8"))
+    assert len(summary["epoch_seconds"]) == 1 and summary["epoch_seconds"][0] > 0
+    log = train(project, sliced)
+    assert "resuming from" in log
+    assert_same_adapter(sliced, reference)
+    assert eval_losses(sliced) == eval_losses(reference)
 
 
 def write_checkpoint(folder: Path, state: str | None) -> None:

@@ -46,11 +46,11 @@ class TinyProject:
     def run_data(self) -> None:
         data_stage.main(["--params", str(self.params), "--out", str(self.dataset), "--report", str(self.report)])
 
-    def train_command(self, run: Path) -> list[str]:
+    def train_command(self, run: Path, params: Path | None = None) -> list[str]:
         """The train stage's command line of dvc.yaml, with this run's output folders under `run`."""
         meta = self.dataset / "meta"
         return [
-            "bash", str(ROOT / "shell/train.sh"), "--params", str(self.params),
+            "bash", str(ROOT / "shell/train.sh"), "--params", str(params or self.params),
             "--train-meta", str(meta / "ui_dataset.json"), "--val-meta", str(meta / "ui_dataset_eval.json"),
             "--model", str(self.native), "--adapter-dir", str(run / "adapter"),
             "--checkpoint-dir", str(run / "checkpoints"), "--log-dir", str(run / "tensorboard"),

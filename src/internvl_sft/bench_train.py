@@ -2,7 +2,8 @@
 after the other on the same data, base model and seed; wall time (evaluations and checkpoint saves included),
 throughput, and how close the two runs' loss curves are.
 
-    python -m internvl_sft.bench_train [--preset FILE] [--fast-set KEY=VALUE ...] [--epochs N] [--out DIR]
+    python -m internvl_sft.bench_train [--preset FILE] [--fast-set KEY=VALUE ...] [--epochs N]
+        [--reference-epochs N] [--modes reference,fast] [--out DIR]
 
 Both runs train the recipe of --preset over --params with the train stage's command of dvc.yaml (so GPUS,
 NNODES and the other launcher variables apply), their outputs under --out/<mode>. The reference has every
@@ -14,6 +15,12 @@ pretrained stages for the same recipe first.
 
 Same global batch and seed give the same samples at every step; LoRA dropout draws its masks per micro-batch, so
 with dropout the curves agree statistically, without it up to the training dtype.
+
+A long reference can be cut short: with --reference-epochs N it trains the first N epochs of the same schedule
+(`train.stop_after_epochs`), and its whole-run wall time is estimated as the measured one plus the remaining
+epochs at the mean duration of its epochs after the first (evaluation and save included); the report marks the
+estimate. The losses are compared over the steps both runs trained. Each finished run keeps its result in
+--out/<mode>/result.json, so the two runs can be made by separate calls (--modes) and compared once both exist.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from internvl_sft.preset import load_preset, overlay, params_with, parse_assignm
 MODES = ("reference", "fast")
 DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=16384")
 RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
+RESULT = "result.json"
 
 
 def launched_processes() -> int:
@@ -50,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--preset", type=Path, help="a recipe over --params (default: --params as it is)")
     parser.add_argument("--epochs", type=float, help="train.num_train_epochs of both runs (default: the recipe's)")
+    parser.add_argument("--reference-epochs", type=int, default=0,
+                        help="train only this many epochs of the reference's schedule and estimate the rest (0: all)")
+    parser.add_argument("--modes", type=parse_modes, default=MODES,
+                        help="comma-separated runs to train now (default: both); a missing one is read from --out")
     parser.add_argument("--processes", type=int, default=launched_processes(),
                         help="training processes of a run, GPUS x NNODES as the launcher reads them (default: "
                              "from the environment): the fast run's per-device batch is the global batch over it")
@@ -62,7 +74,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fast_set = [parse_assignment(text) for text in DEFAULT_FAST_SET]
     if args.processes < 1:
         parser.error("--processes must be >= 1")
+    if args.reference_epochs < 0:
+        parser.error("--reference-epochs must be >= 0")
     return args
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(mode.strip() for mode in text.split(",") if mode.strip())
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
+    return modes
 
 
 def recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,7 +102,9 @@ def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"train.global_batch_size {global_batch} does not split over {args.processes} processes")
     fast = overlay(base, {"train": {"per_device_batch_size": global_batch // args.processes}})
     fast = overlay(fast, unflatten(dict(args.fast_set)))
-    modes = {"reference": overlay(base, {"train": {"fast": dataclasses.asdict(STOCK_FAST)}}), "fast": fast}
+    reference = overlay(base, {"train": {"fast": dataclasses.asdict(STOCK_FAST),
+                                         "stop_after_epochs": args.reference_epochs}})
+    modes = {"reference": reference, "fast": fast}
     for mode, params in modes.items():
         build(Params, params, where=f"{mode} run of bench_train")
     return modes
@@ -100,7 +124,8 @@ def train_command(dvc_yaml: Path, params_file: Path, run_dir: Path) -> list[str]
 
 
 def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Train one mode from scratch; its wall time and the train stage's run summary."""
+    """Train one mode from scratch; its wall time, the train stage's run summary and loss curves, also kept in
+    the run's result.json."""
     run_dir = args.out / mode
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -116,7 +141,31 @@ def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) ->
     if code:
         raise SystemExit(f"the {mode} run failed (exit status {code}); see {log}")
     summary = json.loads((run_dir / "adapter" / "train_summary.json").read_text(encoding="utf-8"))
-    return {"wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
+    result = {"params": params, "wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
+    (run_dir / RESULT).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    return result
+
+
+def earlier_run(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+    """The result an earlier call left for this mode (None: there is none); it must have trained the same
+    parameters."""
+    path = args.out / mode / RESULT
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text(encoding="utf-8"))
+    if result.get("params") != params:
+        raise SystemExit(f"{path}: the {mode} run there trained other parameters; train it again with --modes {mode}")
+    return result
+
+
+def estimated_full_wall(run: dict[str, Any], epochs: float) -> float | None:
+    """Wall time of the whole schedule for a run stopped early: the measured time plus the epochs it did not
+    train at the mean duration of its epochs after the first (the first pays warm-up). None: not enough epochs."""
+    trained = run["summary"].get("epoch_seconds") or []
+    if len(trained) < 2:
+        return None
+    later = trained[1:]
+    return run["wall_s"] + (epochs - len(trained)) * sum(later) / len(later)
 
 
 def loss_curves(curves_dir: Path) -> dict[str, list[float]]:
@@ -128,15 +177,21 @@ def loss_curves(curves_dir: Path) -> dict[str, list[float]]:
 
 
 def largest_relative_difference(values: list[float], reference: list[float]) -> float | None:
-    if len(values) != len(reference) or not reference:
+    """Over the points both curves have (a reference cut short has fewer)."""
+    if not values or not reference:
         return None
     return max(abs(value - ref) / abs(ref) for value, ref in zip(values, reference))
 
 
-def comparison(runs: dict[str, dict]) -> dict[str, Any]:
+def comparison(runs: dict[str, dict], epochs: float) -> dict[str, Any]:
     reference, fast = runs["reference"], runs["fast"]
+    cut_short = bool(reference["params"]["train"]["stop_after_epochs"])
+    reference_wall = estimated_full_wall(reference, epochs) if cut_short else reference["wall_s"]
     return {
-        "wall_speedup": reference["wall_s"] / fast["wall_s"],
+        "reference_wall_s": reference_wall,
+        "reference_wall_estimated": cut_short,
+        "wall_speedup": None if reference_wall is None else reference_wall / fast["wall_s"],
+        "compared_steps": min(len(fast["train_loss"]), len(reference["train_loss"])),
         "train_loss_max_rel_diff": largest_relative_difference(fast["train_loss"], reference["train_loss"]),
         "eval_loss_max_rel_diff": largest_relative_difference(fast["eval_loss"], reference["eval_loss"]),
     }
@@ -151,8 +206,11 @@ def table(report: dict) -> str:
     def number(value: float | None, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
+    estimated = compared["reference_wall_estimated"]
     lines = [row("", list(MODES)),
              row("wall time (s)", [number(runs[m]["wall_s"], ",.1f") for m in MODES]),
+             row("whole-schedule wall time (s)", [number(compared["reference_wall_s"], ",.1f") + ("*" if estimated else ""),
+                                                  number(runs["fast"]["wall_s"], ",.1f")]),
              row("training samples/s", [number(runs[m]["summary"].get("step_samples_per_second"), ",.2f")
                                         for m in MODES]),
              row("peak GPU memory (GiB, rank 0)", [number(runs[m]["summary"].get("peak_gpu_memory_gib_rank0"), ".2f")
@@ -160,9 +218,12 @@ def table(report: dict) -> str:
              row("steps", [str(len(runs[m]["train_loss"])) for m in MODES]),
              row("last eval loss", [number(runs[m]["eval_loss"][-1] if runs[m]["eval_loss"] else None, ".5f")
                                     for m in MODES]),
-             f"wall-time speed-up: {compared['wall_speedup']:.2f}x; largest relative difference of the fast run's "
-             f"step losses {number(compared['train_loss_max_rel_diff'], '.2e')}, of its eval losses "
-             f"{number(compared['eval_loss_max_rel_diff'], '.2e')}"]
+             f"wall-time speed-up: {number(compared['wall_speedup'], '.2f')}x; largest relative difference of the "
+             f"fast run's step losses {number(compared['train_loss_max_rel_diff'], '.2e')} (first "
+             f"{compared['compared_steps']} steps), of its eval losses {number(compared['eval_loss_max_rel_diff'], '.2e')}"]
+    if estimated:
+        lines.append("* estimated: the reference trained the first "
+                     f"{runs['reference']['params']['train']['stop_after_epochs']} epochs of the schedule")
     return "\n".join(lines)
 
 
@@ -172,10 +233,18 @@ def main(argv: list[str] | None = None) -> None:
         params = mode_params(args)
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
-    runs = {mode: run_training(mode, params[mode], args) for mode in MODES}
+    runs = {mode: run_training(mode, params[mode], args) for mode in args.modes}
+    runs.update({mode: earlier_run(mode, params[mode], args) for mode in MODES if mode not in runs})
+    missing = [mode for mode, run in runs.items() if run is None]
+    if missing:
+        print(f"no {' or '.join(missing)} run in {args.out} yet; the comparison is made once both exist "
+              f"(--modes {','.join(missing)})")
+        return
+    epochs = params["fast"]["train"]["num_train_epochs"]
     report = {"recipe": {"params": str(args.params), "preset": str(args.preset) if args.preset else None,
-                         "epochs": args.epochs, "fast_set": dict(args.fast_set)},
-              "runs": runs, "comparison": comparison(runs)}
+                         "epochs": epochs, "reference_epochs": args.reference_epochs or None,
+                         "fast_set": dict(args.fast_set)},
+              "runs": runs, "comparison": comparison(runs, epochs)}
     write_report(report, table(report), args.out / "bench_train.json")
 
 

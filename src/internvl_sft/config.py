@@ -116,6 +116,7 @@ STOCK_FAST = FastConfig(answer_logits_only=False, frozen_vision_no_grad=False)  
 class TrainConfig:
     seed: int = 42
     num_train_epochs: float = 20
+    stop_after_epochs: int = 0
     global_batch_size: int = 16
     per_device_batch_size: int = 4
     learning_rate: float = 4e-5

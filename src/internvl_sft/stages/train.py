@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -186,6 +187,31 @@ class StepTimer(TrainerCallback):
         return round(self.steps * global_batch / self.seconds, 3) if self.steps else None
 
 
+class EpochClock(TrainerCallback):
+    """Wall time of each epoch this run trained, its evaluation and checkpoint save included (the last epoch also
+    holds the best model's reload), and the end of training after `stop_after` epochs (0: none) while the
+    learning-rate schedule stays that of the whole run."""
+
+    def __init__(self, stop_after: int = 0):
+        self.stop_after = stop_after
+        self.starts: list[float] = []
+        self.end: float | None = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.starts.append(time.perf_counter())
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stop_after and state.epoch is not None and round(state.epoch) >= self.stop_after:
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end = time.perf_counter()
+
+    def epoch_seconds(self) -> list[float]:
+        bounds = self.starts + ([self.end] if self.end is not None and self.starts else [])
+        return [round(later - earlier, 3) for earlier, later in zip(bounds, bounds[1:])]
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -209,8 +235,10 @@ def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 
 def run_fingerprint(params: Params, args: argparse.Namespace) -> str:
-    """Identity of a training run: its parameters, data files and base model (not the GPU count)."""
-    digest = hashlib.sha256(json.dumps(to_dict(params.inputs)).encode() + json.dumps(to_dict(params.train)).encode())
+    """Identity of a training run: its parameters, data files and base model (not the GPU count, nor where the run
+    stops: a run stopped after some epochs resumes with a later stop)."""
+    train = dataclasses.replace(params.train, stop_after_epochs=0)
+    digest = hashlib.sha256(json.dumps(to_dict(params.inputs)).encode() + json.dumps(to_dict(train)).encode())
     for meta in (args.train_meta, args.val_meta):
         digest.update(Path(meta).read_bytes())
         for spec in json.loads(Path(meta).read_text(encoding="utf-8")).values():
@@ -257,16 +285,18 @@ def peak_gpu_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None, timer: StepTimer) -> dict:
+def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None, timer: StepTimer,
+                clock: EpochClock) -> dict:
     """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter.
     `train_samples_per_second` is the Trainer's (evaluations and saves included); `step_samples_per_second` counts
-    the timed optimizer steps only."""
+    the timed optimizer steps only; `epoch_seconds` each epoch of this process's run, evaluation and save included."""
     summary = {
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "step_samples_per_second": timer.samples_per_second(global_batch_size(trainer.args)),
         "timed_steps": timer.steps,
         "train_steps": trainer.state.global_step,
+        "epoch_seconds": clock.epoch_seconds(),
         "world_size": world_size(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gpu_memory_gib_rank0": peak_gpu_memory_gib(),
@@ -312,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
     print(trainable_summary(model), fast.describe() if fast else "stock training forward", sep="\n", flush=True)
-    timer = StepTimer()
+    timer, clock = StepTimer(), EpochClock(params.train.stop_after_epochs)
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
@@ -323,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             EarlyStoppingCallback(params.train.early_stopping_patience),
             CurvesCallback(Path(args.curves_dir)),
             timer,
+            clock,
         ],
         group_by_length=params.train.group_by_length,
     )
@@ -332,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare_resume(trainer, Path(last), world_size(), params.train.deepspeed)
         print(f"resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
-    summary = run_summary(result.metrics, trainer, fast, timer)
+    summary = run_summary(result.metrics, trainer, fast, timer, clock)
     print(json.dumps(summary), flush=True)
     save_adapter(trainer, params, args, summary)
 
