@@ -26,6 +26,15 @@ def test_reference_is_stock_and_fast_trains_the_global_batch_at_once(tmp_path):
     assert reference["learning_rate"] == fast["learning_rate"] == 4e-5
 
 
+def test_set_applies_to_both_runs_before_the_fast_settings():
+    args = parse_args(["--params", str(ROOT / "params.yaml"), "--set", "train.llm_lora.dropout=0",
+                       "--set", "train.early_stopping_patience=20", "--fast-set", "train.llm_lora.dropout=0.1"])
+    modes = mode_params(args)
+    assert modes["reference"]["train"]["llm_lora"]["dropout"] == 0
+    assert modes["fast"]["train"]["llm_lora"]["dropout"] == 0.1
+    assert {modes[mode]["train"]["early_stopping_patience"] for mode in modes} == {20}
+
+
 def test_a_global_batch_that_does_not_split_is_refused():
     args = parse_args(["--params", str(ROOT / "params.yaml"), "--processes", "3"])
     with pytest.raises(ConfigError, match="does not split over 3 processes"):

@@ -2,15 +2,15 @@
 after the other on the same data, base model and seed; wall time (evaluations and checkpoint saves included),
 throughput, and how close the two runs' loss curves are.
 
-    python -m internvl_sft.bench_train [--preset FILE] [--fast-set KEY=VALUE ...] [--epochs N]
-        [--reference-epochs N] [--modes reference,fast] [--out DIR]
+    python -m internvl_sft.bench_train [--preset FILE] [--set KEY=VALUE ...] [--fast-set KEY=VALUE ...]
+        [--epochs N] [--reference-epochs N] [--modes reference,fast] [--out DIR]
 
-Both runs train the recipe of --preset over --params with the train stage's command of dvc.yaml (so GPUS,
-NNODES and the other launcher variables apply), their outputs under --out/<mode>. The reference has every
-`train.fast` switch off: transformers' forward, as the upstream recipe trains. The fast run trains the whole
-global batch in one pass per process (`train.per_device_batch_size` = global batch / processes, no gradient
-accumulation) with the fast path as params set it, then each --fast-set (default: compiled blocks and the vision
-feature cache) on top. The data and base model are the ones in data/ and pretrained/: run the data and
+Both runs train the recipe of --preset over --params, then each --set, with the train stage's command of
+dvc.yaml (so GPUS, NNODES and the other launcher variables apply), their outputs under --out/<mode>. The
+reference has every `train.fast` switch off: transformers' forward, as the upstream recipe trains. The fast run
+trains the whole global batch in one pass per process (`train.per_device_batch_size` = global batch / processes,
+no gradient accumulation) with the fast path as params set it, then each --fast-set (default: compiled blocks
+and the vision feature cache) on top. The data and base model are the ones in data/ and pretrained/: run the data and
 pretrained stages for the same recipe first.
 
 Same global batch and seed give the same samples at every step; LoRA dropout draws its masks per micro-batch, so
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=launched_processes(),
                         help="training processes of a run, GPUS x NNODES as the launcher reads them (default: "
                              "from the environment): the fast run's per-device batch is the global batch over it")
+    parser.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
+                        help="a parameter of both runs, repeatable (e.g. train.llm_lora.dropout=0)")
     parser.add_argument("--fast-set", type=parse_assignment, action="append", metavar="KEY=VALUE",
                         help=f"a parameter of the fast run, repeatable (default: {' '.join(DEFAULT_FAST_SET)})")
     parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="where the train command is read")
@@ -91,7 +93,7 @@ def recipe(args: argparse.Namespace) -> dict[str, Any]:
     overrides = load_preset(args.preset) if args.preset else {}
     if args.epochs is not None:
         overrides = overlay(overrides, {"train": {"num_train_epochs": args.epochs}})
-    return params_with(args.params, overrides)
+    return params_with(args.params, overlay(overrides, unflatten(dict(args.set))))
 
 
 def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -209,8 +211,9 @@ def table(report: dict) -> str:
     estimated = compared["reference_wall_estimated"]
     lines = [row("", list(MODES)),
              row("wall time (s)", [number(runs[m]["wall_s"], ",.1f") for m in MODES]),
-             row("whole-schedule wall time (s)", [number(compared["reference_wall_s"], ",.1f") + ("*" if estimated else ""),
-                                                  number(runs["fast"]["wall_s"], ",.1f")]),
+             row("whole-schedule wall time (s)",
+                 [number(compared["reference_wall_s"], ",.1f") + ("*" if estimated else ""),
+                  number(runs["fast"]["wall_s"], ",.1f")]),
              row("training samples/s", [number(runs[m]["summary"].get("step_samples_per_second"), ",.2f")
                                         for m in MODES]),
              row("peak GPU memory (GiB, rank 0)", [number(runs[m]["summary"].get("peak_gpu_memory_gib_rank0"), ".2f")
@@ -220,7 +223,8 @@ def table(report: dict) -> str:
                                     for m in MODES]),
              f"wall-time speed-up: {number(compared['wall_speedup'], '.2f')}x; largest relative difference of the "
              f"fast run's step losses {number(compared['train_loss_max_rel_diff'], '.2e')} (first "
-             f"{compared['compared_steps']} steps), of its eval losses {number(compared['eval_loss_max_rel_diff'], '.2e')}"]
+             f"{compared['compared_steps']} steps), of its eval losses "
+             f"{number(compared['eval_loss_max_rel_diff'], '.2e')}"]
     if estimated:
         lines.append("* estimated: the reference trained the first "
                      f"{runs['reference']['params']['train']['stop_after_epochs']} epochs of the schedule")
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     epochs = params["fast"]["train"]["num_train_epochs"]
     report = {"recipe": {"params": str(args.params), "preset": str(args.preset) if args.preset else None,
                          "epochs": epochs, "reference_epochs": args.reference_epochs or None,
-                         "fast_set": dict(args.fast_set)},
+                         "set": dict(args.set), "fast_set": dict(args.fast_set)},
               "runs": runs, "comparison": comparison(runs, epochs)}
     write_report(report, table(report), args.out / "bench_train.json")
 
