@@ -41,12 +41,11 @@ import yaml
 
 from internvl_sft.config import STOCK_FAST, ConfigError, Params, build
 from internvl_sft.paths import write_report
-from internvl_sft.preset import load_preset, overlay, params_with, parse_assignment, unflatten
+from internvl_sft.preset import overlay, params_with, parse_assignment, recipe_overrides, unflatten
 
 MODES = ("reference", "fast")
 DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=16384")
 RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
-RESULT = "result.json"
 
 
 def launched_processes() -> int:
@@ -90,10 +89,9 @@ def parse_modes(text: str) -> tuple[str, ...]:
 
 
 def recipe(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = load_preset(args.preset) if args.preset else {}
-    if args.epochs is not None:
-        overrides = overlay(overrides, {"train": {"num_train_epochs": args.epochs}})
-    return params_with(args.params, overlay(overrides, unflatten(dict(args.set))))
+    """--params, then --preset, then --epochs and each --set (a later one wins)."""
+    epochs = {} if args.epochs is None else {"train.num_train_epochs": args.epochs}
+    return params_with(args.params, recipe_overrides(args.preset, {**epochs, **dict(args.set)}))
 
 
 def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -144,14 +142,18 @@ def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) ->
         raise SystemExit(f"the {mode} run failed (exit status {code}); see {log}")
     summary = json.loads((run_dir / "adapter" / "train_summary.json").read_text(encoding="utf-8"))
     result = {"params": params, "wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
-    (run_dir / RESULT).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    result_path(args, mode).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
+
+
+def result_path(args: argparse.Namespace, mode: str) -> Path:
+    return args.out / mode / "result.json"
 
 
 def earlier_run(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
     """The result an earlier call left for this mode (None: there is none); it must have trained the same
     parameters."""
-    path = args.out / mode / RESULT
+    path = result_path(args, mode)
     if not path.exists():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))

@@ -75,6 +75,11 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key, yaml.safe_load(value)
 
 
+def recipe_overrides(preset: Path | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A preset's overrides (none without one), then `extra` dotted-key values on top."""
+    return overlay(load_preset(preset) if preset else {}, unflatten(extra or {}))
+
+
 def params_with(params: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """The params file's tree with `overrides` on top (not validated)."""
     return overlay(yaml.safe_load(params.read_text(encoding="utf-8")) or {}, overrides)
@@ -83,7 +88,7 @@ def params_with(params: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 def resolve(preset: Path, params: Path, extra: dict[str, Any] | None = None) -> tuple[Params, dict[str, Any]]:
     """The parameters that params + preset + extra overrides make (validated against the schema), and the
     overrides alone."""
-    overrides = overlay(load_preset(preset), unflatten(extra or {}))
+    overrides = recipe_overrides(preset, extra)
     return build(Params, params_with(params, overrides), where=f"{params} + {preset}"), overrides
 
 

@@ -189,20 +189,14 @@ class StepTimer(TrainerCallback):
 
 class EpochClock(TrainerCallback):
     """Wall time of each epoch this run trained, its evaluation and checkpoint save included (the last epoch also
-    holds the best model's reload), and the end of training after `stop_after` epochs (0: none) while the
-    learning-rate schedule stays that of the whole run."""
+    holds the best model's reload)."""
 
-    def __init__(self, stop_after: int = 0):
-        self.stop_after = stop_after
+    def __init__(self):
         self.starts: list[float] = []
         self.end: float | None = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.starts.append(time.perf_counter())
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.stop_after and state.epoch is not None and round(state.epoch) >= self.stop_after:
-            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.end = time.perf_counter()
@@ -210,6 +204,17 @@ class EpochClock(TrainerCallback):
     def epoch_seconds(self) -> list[float]:
         bounds = self.starts + ([self.end] if self.end is not None and self.starts else [])
         return [round(later - earlier, 3) for earlier, later in zip(bounds, bounds[1:])]
+
+
+class StopAfterEpochs(TrainerCallback):
+    """End training after `epochs` epochs while the learning-rate schedule stays that of the whole run."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.epoch is not None and round(state.epoch) >= self.epochs:
+            control.should_training_stop = True
 
 
 def synchronize() -> None:
@@ -342,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
     print(trainable_summary(model), fast.describe() if fast else "stock training forward", sep="\n", flush=True)
-    timer, clock = StepTimer(), EpochClock(params.train.stop_after_epochs)
+    timer, clock = StepTimer(), EpochClock()
+    stop = [StopAfterEpochs(params.train.stop_after_epochs)] if params.train.stop_after_epochs else []
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
@@ -354,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
             CurvesCallback(Path(args.curves_dir)),
             timer,
             clock,
+            *stop,
         ],
         group_by_length=params.train.group_by_length,
     )
