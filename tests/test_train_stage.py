@@ -50,3 +50,10 @@ def test_compiled_blocks_and_zero3_are_refused_together():
     train.check_combination(compiled)
     with pytest.raises(SystemExit, match="compile is not supported with deepspeed: zero3"):
         train.check_combination(dataclasses.replace(compiled, deepspeed="zero3"))
+
+
+def test_a_negative_epoch_stop_is_refused_with_its_name():
+    cfg = train.load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
+    train.check_combination(dataclasses.replace(cfg, stop_after_epochs=2))
+    with pytest.raises(SystemExit, match="train: stop_after_epochs must be >= 0 .0: train every epoch., got -1"):
+        train.check_combination(dataclasses.replace(cfg, stop_after_epochs=-1))

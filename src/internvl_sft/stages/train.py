@@ -62,7 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_combination(cfg: TrainConfig) -> None:
-    """Refuse settings that do not work together before any model is loaded."""
+    """Refuse settings that do not work (together) before any model is loaded."""
+    if cfg.stop_after_epochs < 0:
+        raise SystemExit(f"params: train: stop_after_epochs must be >= 0 (0: train every epoch), "
+                         f"got {cfg.stop_after_epochs}")
     if cfg.fast.compile and cfg.deepspeed == "zero3":
         raise SystemExit("params: train: fast: compile is not supported with deepspeed: zero3 (its per-module "
                          "parameter gathering runs inside the blocks); use zero1 or zero2, or compile: false")
