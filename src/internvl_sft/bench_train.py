@@ -10,8 +10,8 @@ dvc.yaml (so GPUS, NNODES and the other launcher variables apply), their outputs
 reference has every `train.fast` switch off: transformers' forward, as the upstream recipe trains. The fast run
 trains the whole global batch in one pass per process (`train.per_device_batch_size` = global batch / processes,
 no gradient accumulation) with the fast path as params set it, then each --fast-set (default: compiled blocks
-and the vision feature cache) on top. The data and base model are the ones in data/ and pretrained/: run the data and
-pretrained stages for the same recipe first.
+and the vision feature cache) on top. The data and base model are the ones in data/ and pretrained/: run the
+data and pretrained stages for the same recipe first.
 
 Same global batch and seed give the same samples at every step; LoRA dropout draws its masks per micro-batch, so
 with dropout the curves agree statistically, without it up to the training dtype.
