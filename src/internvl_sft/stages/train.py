@@ -35,7 +35,7 @@ from internvl_sft.model.load import (
     trainable_summary,
 )
 from internvl_sft.paths import atomic_write_text, publish, staging_dir
-from internvl_sft.process import die_with_launcher
+from internvl_sft.process import die_with_launcher, leave_process_group
 from internvl_sft.reshard import prepare_resume
 
 DEEPSPEED_CONFIGS = {
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_summary(result.metrics, trainer, fast, timer, clock)
     print(json.dumps(summary), flush=True)
     save_adapter(trainer, params, args, summary)
+    leave_process_group()
 
 
 if __name__ == "__main__":
