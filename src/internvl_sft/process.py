@@ -7,8 +7,6 @@ import os
 import signal
 import sys
 
-import torch.distributed as dist
-
 PR_SET_PDEATHSIG = 1
 
 
@@ -27,15 +25,3 @@ def die_with_launcher() -> None:
         return
     if os.getppid() != launcher:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def leave_process_group() -> None:
-    """Wait for every process, then tear the process group down while the interpreter is still whole.
-
-    A gloo group left to interpreter shutdown destroys its worker threads in no particular order, and now and
-    then one is still joinable: the process aborts ("terminate called without an active exception") after its
-    work is done, and torchrun reports the run as failed. Outside a process group, nothing.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -35,7 +35,7 @@ from internvl_sft.model.load import (
     trainable_summary,
 )
 from internvl_sft.paths import atomic_write_text, publish, staging_dir
-from internvl_sft.process import die_with_launcher, leave_process_group
+from internvl_sft.process import die_with_launcher
 from internvl_sft.reshard import prepare_resume
 
 DEEPSPEED_CONFIGS = {
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_summary(result.metrics, trainer, fast, timer, clock)
     print(json.dumps(summary), flush=True)
     save_adapter(trainer, params, args, summary)
-    leave_process_group()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # tears the process group down; gloo left to shutdown can abort a worker
 
 
 if __name__ == "__main__":
