@@ -1,0 +1,336 @@
+"""Pre-training of the embedded-default base model: a tiny InternVL2 that already grounds.
+
+Real InternVL2 checkpoints are pre-trained: they already find a named thing in a picture and say where it is,
+and LoRA fine-tuning only teaches a new task format. A random-weight toy model does not, and LoRA alone
+cannot teach it. This module gives the toy model the same starting point: it builds the tiny checkpoint
+(`model/tiny.py`) at a size that can learn localisation, then trains every weight on its own grounding
+data, upstream style (`<ref>label</ref>` -> `<box>[[x1, y1, x2, y2]]</box>`, coordinates in 0-1000).
+
+The grounding data are scenes of scattered shapes on plain or gradient backgrounds, drawn from a generator of
+their own (no screen of `data/synthetic.py` is used): the named things are the lexicon's apps, navigation
+tabs, list labels, search box and search button, each with a look of its own, among unnamed distractors.
+The answers never use the UI-task formats (`操作：…\\n参数：…`), so the base model scores nothing on them.
+
+    python -m internvl_sft.model.pretrain_tiny --out src/internvl_sft/model/assets/tiny_grounded.safetensors
+
+writes the pre-trained weights (upstream key names, fp32) that the `pretrained` stage loads when
+`pretrained.tiny.weights` names them; a run is deterministic for a given seed, step count and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from internvl_sft.config import FastConfig
+from internvl_sft.data import synthetic as ui
+from internvl_sft.data.dataset import TilingSettings, collate
+from internvl_sft.data.template import encode_conversation, get_template
+from internvl_sft.data.tiling import dynamic_tiles, to_pixel_values
+from internvl_sft.fast import install_fast_path
+from internvl_sft.model.convert import native_to_upstream_state_dict, read_json, upstream_to_native
+from internvl_sft.model.load import load_model, load_tokenizer
+from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+
+RGB = tuple[int, int, int]
+Box = tuple[int, int, int, int]
+
+# The size that learns localisation when every weight trains (a 64-wide, 2-layer model does not).
+GROUNDED_SIZES = TinySizes(
+    vision_hidden=128, vision_layers=2, vision_heads=4, vision_mlp=256,
+    llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_mlp=256,
+)
+BOX_QUERY, POINT_QUERY = "框出", "指出"
+GROUNDING_WORDS = (BOX_QUERY, POINT_QUERY, "<ref>", "</ref>", "<box>", "</box>")
+SCENE_SIZES = ui.PORTRAIT_SIZES + ui.OTHER_SIZES
+
+
+def grounded_corpus() -> tuple[str, ...]:
+    """The tokenizer corpus of the pre-trained model: the UI lexicon and the grounding prompts."""
+    return (*ui.LEXICON, *GROUNDING_WORDS)
+
+
+# ---------------------------------------------------------------- scenes
+
+
+@dataclasses.dataclass(frozen=True)
+class Thing:
+    """A named thing that can be drawn: `draw(draw, box, rng)` fills `box`, whose size `size(rng, u)` picks."""
+
+    label: str
+    kind: str
+    colour: RGB
+    shape: str = ""
+
+
+THINGS: tuple[Thing, ...] = (
+    *(Thing(app.name, "app", app.colour) for app in ui.APPS),
+    *(Thing(tab.label, "nav", tab.colour, tab.shape) for tab in ui.NAV_TABS),
+    *(Thing(row.label, "row", row.colour) for row in ui.ROW_LABELS),
+    Thing(ui.SEARCH_BOX, "search_box", ui.SEARCH_BOX_FILL),
+    Thing(ui.SEARCH_BUTTON, "search_button", ui.SEARCH_BUTTON_FILL),
+)
+DISTRACTOR_SHAPES = ("rect", "ellipse", "bar")
+
+
+def thing_size(thing: Thing, width: int, rng: random.Random) -> tuple[int, int]:
+    if thing.kind == "app":
+        side = rng.randint(22, 46)
+        return side, side
+    if thing.kind == "nav":
+        side = rng.randint(16, 30)
+        return side, side
+    if thing.kind == "row":
+        return rng.randint(min(90, width - 16), width - 16), rng.randint(30, 50)
+    if thing.kind == "search_box":
+        return rng.randint(min(100, width - 16), min(200, width - 16)), rng.randint(26, 40)
+    return rng.randint(40, 60), rng.randint(26, 40)
+
+
+def draw_thing(draw: ImageDraw.ImageDraw, thing: Thing, box: Box, rng: random.Random) -> None:
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    if thing.kind == "app":
+        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=w / 5, fill=thing.colour)
+    elif thing.kind == "nav":
+        ui._nav_icon(draw, thing.shape, cx, cy, w / 2.3, thing.colour)
+    elif thing.kind == "row":
+        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=6, fill=ui._mix(thing.colour, ui.WHITE, 0.72))
+        r = h * 0.3
+        draw.ellipse((x1 + 8, cy - r, x1 + 8 + 2 * r, cy + r), fill=thing.colour)
+        ui._text_bar(draw, x1 + 16 + 2 * r, y1 + h * 0.25, (w - 2 * r) * rng.uniform(0.2, 0.4), h * 0.15,
+                     ui.TEXT_DARK)
+    elif thing.kind == "search_box":
+        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=8, fill=ui.SEARCH_BOX_FILL,
+                               outline=rng.choice((ui.SEARCH_BOX_BORDER, ui.SEARCH_BOX_FOCUS_BORDER)), width=2)
+        ui._magnifier(draw, x1 + 14, cy - 1, 5, ui.SEARCH_BOX_BORDER, 1.0)
+    else:
+        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=8, fill=ui.SEARCH_BUTTON_FILL)
+        ui._magnifier(draw, cx, cy, 7, ui.WHITE, 1.0)
+
+
+def draw_distractor(draw: ImageDraw.ImageDraw, box: Box, rng: random.Random) -> None:
+    x1, y1, x2, y2 = box
+    fill = rng.choice([colour for _, colour in ui.FILLER_ICONS] + [ui._random_colour(rng, 150, 240)])
+    shape = rng.choice(DISTRACTOR_SHAPES)
+    if shape == "rect":
+        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=(x2 - x1) / 5, fill=fill)
+    elif shape == "ellipse":
+        draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+    else:
+        ui._text_bar(draw, x1, y1, x2 - x1, max(4, (y2 - y1) // 3), fill)
+
+
+def background(width: int, height: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (width, height), ui._random_colour(rng, 200, 250))
+    if rng.random() < 0.5:
+        draw = ImageDraw.Draw(image)
+        top, bottom = ui._random_colour(rng, 40, 240), ui._random_colour(rng, 40, 240)
+        for y in range(height):
+            draw.line((0, y, width - 1, y), fill=ui._mix(top, bottom, y / max(height - 1, 1)))
+    return image
+
+
+def place(width: int, height: int, size: tuple[int, int], taken: list[Box], rng: random.Random) -> Box | None:
+    w, h = size
+    for _ in range(30):
+        x1, y1 = rng.randint(4, width - w - 4), rng.randint(4, height - h - 4)
+        box = (x1, y1, x1 + w, y1 + h)
+        if all(box[2] + 3 <= t[0] or t[2] + 3 <= box[0] or box[3] + 3 <= t[1] or t[3] + 3 <= box[1] for t in taken):
+            return box
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    image: Image.Image
+    targets: dict[str, Box]  # label -> pixel box (x2, y2 exclusive)
+
+
+def render_scene(seed: int, index: int) -> Scene:
+    """Scene `index`: one to six named things and up to six distractors at random places and sizes."""
+    rng = random.Random(f"tiny-grounding:{seed}:{index}")
+    width, height = rng.choice(SCENE_SIZES)
+    image = background(width, height, rng)
+    draw = ImageDraw.Draw(image)
+    taken: list[Box] = []
+    targets: dict[str, Box] = {}
+    for thing in rng.sample(THINGS, rng.randint(1, 6)):
+        box = place(width, height, thing_size(thing, width, rng), taken, rng)
+        if box is not None:
+            draw_thing(draw, thing, box, rng)
+            taken.append(box)
+            targets[thing.label] = box
+    for _ in range(rng.randint(0, 6)):
+        side = rng.randint(14, 44)
+        box = place(width, height, (side, rng.choice((side, side // 2 + 6))), taken, rng)
+        if box is not None:
+            draw_distractor(draw, box, rng)
+            taken.append(box)
+    if not targets:
+        return render_scene(seed, index + 1_000_000_007)
+    return Scene(image, targets)
+
+
+def normalised(value: float, extent: int) -> int:
+    return round(1000 * value / extent)
+
+
+def scene_conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+    """Up to `turns` questions about distinct things; the first carries the image placeholder."""
+    width, height = scene.image.size
+    conversation: list[tuple[str, str]] = []
+    labels = rng.sample(sorted(scene.targets), min(turns, len(scene.targets)))
+    for n, label in enumerate(labels):
+        x1, y1, x2, y2 = scene.targets[label]
+        prefix = "<image>\n" if n == 0 else ""
+        if rng.random() < 0.5:
+            box = [normalised(x1, width), normalised(y1, height), normalised(x2, width), normalised(y2, height)]
+            question, answer = f"{BOX_QUERY}<ref>{label}</ref>", f"<box>[[{', '.join(map(str, box))}]]</box>"
+        else:
+            point = normalised((x1 + x2) / 2, width), normalised((y1 + y2) / 2, height)
+            question, answer = f"{POINT_QUERY}<ref>{label}</ref>", f"[{point[0]}, {point[1]}]"
+        conversation += [("human", prefix + question), ("gpt", answer)]
+    return conversation
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    turns: int = 3
+    log_every: int = 25
+    save_every: int = 250
+
+
+class SceneBatches:
+    """Training batches of freshly drawn scenes: batch `step` always holds the same scenes."""
+
+    def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
+                 seed: int, turns: int):
+        self.tokenizer = tokenizer
+        self.template = get_template(template_name)
+        self.tiling = TilingSettings(tile_size=tile_size, max_dynamic_patch=max_tiles)
+        self.tokens_per_tile = tokens_per_tile
+        self.seed = seed
+        self.turns = turns
+
+    def item(self, index: int) -> dict:
+        scene = render_scene(self.seed, index)
+        rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
+        conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
+        tiles = dynamic_tiles(scene.image, **self.tiling.options_for(1))
+        encoded = encode_conversation(self.tokenizer, self.template, conversation,
+                                      [len(tiles) * self.tokens_per_tile])
+        return {
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "pixel_values": to_pixel_values(tiles, self.tiling.tile_size),
+            "num_tiles": len(tiles),
+        }
+
+    def batch(self, step: int, size: int) -> dict[str, torch.Tensor]:
+        items = [self.item(step * size + k) for k in range(size)]
+        return collate(items, self.tokenizer.pad_token_id)
+
+
+def learning_rate_factor(step: int, settings: PretrainSettings) -> float:
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def save_upstream_weights(model: torch.nn.Module, llm_config: dict, path: Path) -> None:
+    state = {key: value.detach().to(torch.float32).contiguous() for key, value in model.state_dict().items()}
+    weights = native_to_upstream_state_dict(state, llm_config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file(weights, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+def build_random_base(folder: Path, seed: int, sizes: TinySizes = GROUNDED_SIZES) -> tuple[Path, Path]:
+    """The random-init tiny checkpoint (upstream and native folders) that pre-training starts from."""
+    upstream, native = folder / "upstream", folder / "native"
+    build_tiny_checkpoint(upstream, corpus=grounded_corpus(), seed=seed, sizes=sizes)
+    upstream_to_native(upstream, native)
+    return upstream, native
+
+
+def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes = GROUNDED_SIZES) -> None:
+    """Train every weight of a random tiny checkpoint of `sizes` on grounding scenes; write the weights to `out`
+    (upstream key names) every `save_every` steps and at the end."""
+    torch.manual_seed(settings.seed)
+    upstream, native = build_random_base(work, settings.seed, sizes)
+    llm_config = read_json(upstream / "config.json")["llm_config"]
+    model = load_model(native)
+    tokenizer = load_tokenizer(native)
+    tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
+    batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
+                           sizes.max_dynamic_patch, settings.seed, settings.turns)
+    model.train()
+    model.config.text_config.use_cache = False
+    install_fast_path(model, FastConfig(answer_logits_only=True, frozen_vision_no_grad=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
+    start, recent = time.time(), []
+    for step in range(settings.steps):
+        loss = model(**batches.batch(step, settings.batch_size)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent.append(loss.item())
+        if (step + 1) % settings.log_every == 0:
+            print(f"step {step + 1}/{settings.steps} loss {sum(recent) / len(recent):.4f} "
+                  f"lr {schedule.get_last_lr()[0]:.2e} {time.time() - start:.0f}s", flush=True)
+            recent = []
+        if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
+            save_upstream_weights(model, llm_config, out)
+    print(f"pre-trained weights written to {out} ({time.time() - start:.0f}s)", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="safetensors file of the pre-trained weights")
+    defaults = PretrainSettings()
+    for field in dataclasses.fields(PretrainSettings):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
+                            default=getattr(defaults, field.name))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = PretrainSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PretrainSettings)})
+    with tempfile.TemporaryDirectory() as work:
+        pretrain(Path(args.out), settings, Path(work))
+
+
+if __name__ == "__main__":
+    main()
