@@ -16,6 +16,8 @@ from internvl_sft.stages import pretrained as pretrained_stage
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
     "data": {"synthetic": {"train_screens": 4, "val_screens": 1}},
+    "pretrained": {"tiny": {"weights": "", "vision_hidden": 64, "vision_mlp": 128, "llm_hidden": 64, "llm_layers": 2,
+                            "llm_mlp": 128}},
     "inputs": {"max_dynamic_patch": 1},
     "train": {"num_train_epochs": 3, "global_batch_size": 4, "per_device_batch_size": 4},
 }

@@ -50,6 +50,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class TinyModel:
     seed: int = 0
+    weights: str = ""  # pre-trained weights (safetensors, upstream names); "" = random init from `seed`
     llm: Literal["qwen2", "internlm2", "phi3"] = "qwen2"
     vocab_size: int = 1200
     llm_vocab_size: int = 0

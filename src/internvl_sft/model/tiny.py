@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from internvl_sft.data.template import get_template
@@ -522,11 +522,28 @@ def llm_vocab(sizes: TinySizes, tokenizer_size: int) -> int:
     return sizes.llm_vocab_size
 
 
-def build_tiny_checkpoint(out_dir: Path, *, corpus: Iterable[str], seed: int, sizes: TinySizes) -> None:
+def checked_weights(path: Path, params: dict[str, Param]) -> dict[str, torch.Tensor]:
+    """Weights read from a safetensors file, which must hold exactly `params` in their shapes (as fp32)."""
+    weights = load_file(str(path))
+    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    wrong = [f"{key} {tuple(weights[key].shape)} (expected {param.shape})" for key, param in params.items()
+             if key in weights and tuple(weights[key].shape) != param.shape]
+    problems = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
+        [f"unexpected {', '.join(extra[:5])}"] if extra else []) + ([f"shape of {', '.join(wrong[:5])}"] if wrong else [])
+    if problems:
+        raise ValueError(f"pretrained.tiny.weights: {path} does not fit the tiny sizes and tokenizer in params: "
+                         + "; ".join(problems))
+    return {key: weights[key].to(torch.float32).contiguous() for key in params}
+
+
+def build_tiny_checkpoint(out_dir: Path, *, corpus: Iterable[str], seed: int, sizes: TinySizes,
+                          weights: Path | None = None) -> None:
     """Write a tiny InternVL2 checkpoint (upstream layout, LLM family `sizes.llm`) into `out_dir`.
 
     The same corpus, seed and sizes give byte-identical files. The template's system prompt joins the corpus:
     it opens every conversation, and spelled out in byte tokens it would triple the length of short samples.
+    With `weights` (a safetensors file with upstream key names, e.g. from `model.pretrain_tiny`) the
+    checkpoint holds those weights instead of random ones; they must fit the sizes and the tokenizer.
     """
     sizes.check()
     out_dir = Path(out_dir)
@@ -538,5 +555,6 @@ def build_tiny_checkpoint(out_dir: Path, *, corpus: Iterable[str], seed: int, si
     save_tokenizer(tokenizer, out_dir, chat_template_for(template), family.tokenizer)
     write_json(out_dir / "config.json", chat_config(sizes, family.config(sizes, vocab, ids)))
     write_json(out_dir / "generation_config.json", generation_config(ids))
-    weights = random_state_dict(upstream_params(sizes, vocab), seed)
-    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    params = upstream_params(sizes, vocab)
+    state = random_state_dict(params, seed) if weights is None else checked_weights(Path(weights), params)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})

@@ -1,7 +1,8 @@
 """Stage `pretrained`: obtain a base checkpoint in the upstream InternVL layout and convert it to native.
 
-`tiny` builds the embedded-default model offline; `hub` downloads a pinned revision with huggingface_hub;
-`local` uses an upstream-layout folder on disk. The upstream copy is kept (merged models can be exported
+`tiny` builds the embedded-default model offline: random weights, or the pre-trained ones that
+`pretrained.tiny.weights` names (written by `python -m internvl_sft.model.pretrain_tiny`); `hub` downloads a
+pinned revision with huggingface_hub; `local` uses an upstream-layout folder on disk. The upstream copy is kept (merged models can be exported
 back to that layout); the native copy is what training loads.
 """
 
@@ -16,6 +17,7 @@ from internvl_sft.config import PretrainedConfig, load_params
 from internvl_sft.data.synthetic import LEXICON
 from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import PICKLE_SUFFIXES
+from internvl_sft.model.pretrain_tiny import grounded_corpus
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.paths import atomic_dir
 
@@ -29,9 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tiny_sizes(cfg: PretrainedConfig) -> TinySizes:
-    """Every `pretrained.tiny` key but the seed is a size of the same name."""
+    """Every `pretrained.tiny` key but the seed and the weights is a size of the same name."""
     sizes = dataclasses.asdict(cfg.tiny)
-    del sizes["seed"]
+    del sizes["seed"], sizes["weights"]
     return TinySizes(**sizes)
 
 
@@ -45,7 +47,10 @@ def download_from_hub(cfg: PretrainedConfig, folder: Path) -> None:
 
 
 def fill_upstream(folder: Path, cfg: PretrainedConfig) -> None:
-    if cfg.source == "tiny":
+    if cfg.source == "tiny" and cfg.tiny.weights:
+        build_tiny_checkpoint(folder, corpus=grounded_corpus(), seed=cfg.tiny.seed, sizes=tiny_sizes(cfg),
+                              weights=Path(cfg.tiny.weights))
+    elif cfg.source == "tiny":
         build_tiny_checkpoint(folder, corpus=LEXICON, seed=cfg.tiny.seed, sizes=tiny_sizes(cfg))
     elif cfg.source == "hub":
         download_from_hub(cfg, folder)
