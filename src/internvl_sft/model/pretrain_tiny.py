@@ -81,6 +81,8 @@ THINGS: tuple[Thing, ...] = (
     Thing(ui.SEARCH_BUTTON, "search_button", ui.SEARCH_BUTTON_FILL),
 )
 DISTRACTOR_SHAPES = ("rect", "ellipse", "bar")
+SINGLE_THING_SHARE = 0.5
+POINT_SHARE = 0.7  # centre-point questions; the others ask for the box
 
 
 def thing_size(thing: Thing, width: int, rng: random.Random) -> tuple[int, int]:
@@ -159,20 +161,23 @@ class Scene:
 
 
 def render_scene(seed: int, index: int) -> Scene:
-    """Scene `index`: one to six named things and up to six distractors at random places and sizes."""
+    """Scene `index`: half of them one named thing alone on a plain background (where a thing is can be learned
+    from these before which thing is which), the others two to six named things and up to six distractors."""
     rng = random.Random(f"tiny-grounding:{seed}:{index}")
     width, height = rng.choice(SCENE_SIZES)
-    image = background(width, height, rng)
+    alone = rng.random() < SINGLE_THING_SHARE
+    image = Image.new("RGB", (width, height), ui._random_colour(rng, 200, 250)) if alone else background(
+        width, height, rng)
     draw = ImageDraw.Draw(image)
     taken: list[Box] = []
     targets: dict[str, Box] = {}
-    for thing in rng.sample(THINGS, rng.randint(1, 6)):
+    for thing in rng.sample(THINGS, 1 if alone else rng.randint(2, 6)):
         box = place(width, height, thing_size(thing, width, rng), taken, rng)
         if box is not None:
             draw_thing(draw, thing, box, rng)
             taken.append(box)
             targets[thing.label] = box
-    for _ in range(rng.randint(0, 6)):
+    for _ in range(0 if alone else rng.randint(0, 6)):
         side = rng.randint(14, 44)
         box = place(width, height, (side, rng.choice((side, side // 2 + 6))), taken, rng)
         if box is not None:
@@ -195,7 +200,7 @@ def scene_conversation(scene: Scene, rng: random.Random, turns: int) -> list[tup
     for n, label in enumerate(labels):
         x1, y1, x2, y2 = scene.targets[label]
         prefix = "<image>\n" if n == 0 else ""
-        if rng.random() < 0.5:
+        if rng.random() >= POINT_SHARE:
             box = [normalised(x1, width), normalised(y1, height), normalised(x2, width), normalised(y2, height)]
             question, answer = f"{BOX_QUERY}<ref>{label}</ref>", f"<box>[[{', '.join(map(str, box))}]]</box>"
         else:
@@ -269,6 +274,18 @@ def save_upstream_weights(model: torch.nn.Module, llm_config: dict, path: Path) 
     tmp.replace(path)
 
 
+@torch.no_grad()
+def centre_vision_inputs(model: torch.nn.Module) -> None:
+    """Start from patch filters without a response to flat colour and position embeddings without a common part:
+    the tokens of one image then differ by what and where they show from the first step, which makes
+    localisation emerge sooner (measured on a one-dot task: about 500 of 2500 steps sooner)."""
+    embeddings = model.model.vision_tower.embeddings
+    weight = embeddings.patch_embeddings.projection.weight
+    weight -= weight.mean(dim=(2, 3), keepdim=True)
+    positions = embeddings.position_embeddings
+    positions[:, 1:] -= positions[:, 1:].mean(dim=1, keepdim=True)
+
+
 def build_random_base(folder: Path, seed: int, sizes: TinySizes = GROUNDED_SIZES) -> tuple[Path, Path]:
     """The random-init tiny checkpoint (upstream and native folders) that pre-training starts from."""
     upstream, native = folder / "upstream", folder / "native"
@@ -284,6 +301,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     upstream, native = build_random_base(work, settings.seed, sizes)
     llm_config = read_json(upstream / "config.json")["llm_config"]
     model = load_model(native)
+    centre_vision_inputs(model)
     tokenizer = load_tokenizer(native)
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,

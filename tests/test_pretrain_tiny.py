@@ -1,0 +1,78 @@
+"""The pre-trained embedded-default base: its grounding scenes, its training step and the committed weights."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_sft.data import synthetic as ui
+from internvl_sft.metrics import parse_action
+from internvl_sft.model import pretrain_tiny as pt
+from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+
+SMALL = TinySizes(vocab_size=400)
+
+
+def test_scenes_are_deterministic_and_targets_lie_inside_the_image():
+    for index in range(20):
+        first, again = pt.render_scene(3, index), pt.render_scene(3, index)
+        assert first.image.tobytes() == again.image.tobytes() and first.targets == again.targets
+        width, height = first.image.size
+        assert first.targets and all(0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+                                     for x1, y1, x2, y2 in first.targets.values())
+
+
+def test_scenes_are_not_the_ui_screens():
+    sizes = {pt.render_scene(0, index).image.size for index in range(30)}
+    assert sizes <= set(ui.PORTRAIT_SIZES + ui.OTHER_SIZES)
+    screen, _ = ui.render_screen(0, "val", 0)
+    assert all(pt.render_scene(0, index).image.tobytes() != screen.image.tobytes() for index in range(30))
+
+
+def test_answers_use_grounding_formats_never_the_ui_action_format():
+    rng = random.Random(0)
+    for index in range(30):
+        scene = pt.render_scene(0, index)
+        conversation = pt.scene_conversation(scene, rng, 3)
+        assert conversation[0][1].startswith("<image>\n")
+        assert sum("<image>" in text for _, text in conversation) == 1
+        for (role, question), (_, answer) in zip(conversation[::2], conversation[1::2]):
+            assert role == "human" and "<ref>" in question
+            assert answer.startswith(("<box>[[", "[")) and "操作" not in answer and parse_action(answer) is None
+            label = question.split("<ref>")[1].split("</ref>")[0]
+            x1, y1, x2, y2 = scene.targets[label]
+            numbers = [int(n) for n in answer.strip("<box>[]/").replace("]", "").replace("[", "").split(", ")]
+            width, height = scene.image.size
+            if len(numbers) == 2:
+                assert numbers == [round(1000 * (x1 + x2) / 2 / width), round(1000 * (y1 + y2) / 2 / height)]
+            else:
+                assert numbers == [round(1000 * x1 / width), round(1000 * y1 / height),
+                                   round(1000 * x2 / width), round(1000 * y2 / height)]
+
+
+def test_given_weights_replace_the_random_ones(tmp_path):
+    random_dir, loaded_dir = tmp_path / "random", tmp_path / "loaded"
+    build_tiny_checkpoint(random_dir, corpus=ui.LEXICON, seed=0, sizes=SMALL)
+    weights = {key: value + 1 for key, value in load_file(str(random_dir / "model.safetensors")).items()}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    build_tiny_checkpoint(loaded_dir, corpus=ui.LEXICON, seed=0, sizes=SMALL, weights=tmp_path / "w.safetensors")
+    loaded = load_file(str(loaded_dir / "model.safetensors"))
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert (loaded_dir / "tokenizer.json").read_bytes() == (random_dir / "tokenizer.json").read_bytes()
+
+
+def test_weights_of_other_sizes_are_refused_with_the_reason(tmp_path):
+    build_tiny_checkpoint(tmp_path / "small", corpus=ui.LEXICON, seed=0, sizes=SMALL)
+    with pytest.raises(ValueError, match=r"does not fit the tiny sizes.*shape of .*expected"):
+        build_tiny_checkpoint(tmp_path / "wide", corpus=ui.LEXICON, seed=0,
+                              sizes=TinySizes(vocab_size=400, llm_hidden=128, llm_mlp=256),
+                              weights=tmp_path / "small/model.safetensors")
+
+
+def test_a_few_pretraining_steps_write_weights_the_builder_loads(tmp_path):
+    out = tmp_path / "w.safetensors"
+    settings = pt.PretrainSettings(steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=1, log_every=1,
+                                   save_every=3)
+    pt.pretrain(out, settings, tmp_path / "work", SMALL)
+    build_tiny_checkpoint(tmp_path / "up", corpus=pt.grounded_corpus(), seed=0, sizes=SMALL, weights=out)
