@@ -1,5 +1,6 @@
 """The pre-trained embedded-default base: its grounding scenes, its training step and the committed weights."""
 
+import dataclasses
 import random
 
 import pytest
@@ -76,3 +77,30 @@ def test_a_few_pretraining_steps_write_weights_the_builder_loads(tmp_path):
                                    save_every=3)
     pt.pretrain(out, settings, tmp_path / "work", SMALL)
     build_tiny_checkpoint(tmp_path / "up", corpus=pt.grounded_corpus(), seed=0, sizes=SMALL, weights=out)
+
+
+def test_batches_drawn_by_workers_train_the_same_weights(tmp_path):
+    settings = pt.PretrainSettings(steps=3, batch_size=2, learning_rate=3e-3, warmup_steps=1, log_every=1,
+                                   save_every=3, eval_scenes=2)
+    pt.pretrain(tmp_path / "inline.safetensors", settings, tmp_path / "a", SMALL)
+    pt.pretrain(tmp_path / "workers.safetensors", dataclasses.replace(settings, workers=2), tmp_path / "b", SMALL)
+    inline, workers = load_file(str(tmp_path / "inline.safetensors")), load_file(str(tmp_path / "workers.safetensors"))
+    assert inline.keys() == workers.keys() and all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
+def test_points_are_parsed_only_in_the_answer_format():
+    assert pt.parse_point("[12, 980]") == (12.0, 980.0)
+    assert pt.parse_point(" [ 3 ,4 ] ") == (3.0, 4.0)
+    assert pt.parse_point("<box>[[1, 2, 3, 4]]</box>") is None
+    assert pt.parse_point("[12]") is None
+
+
+def test_heldout_error_is_measured_against_the_true_centres(tmp_path):
+    upstream, native = pt.build_random_base(tmp_path / "base", 0, SMALL)
+    model = pt.load_model(native)
+    first = pt.heldout_point_error(model, native, SMALL, seed=0, scenes=3, folder=tmp_path / "scenes")
+    assert first == pt.heldout_point_error(model, native, SMALL, seed=0, scenes=3, folder=tmp_path / "scenes")
+    assert 0.0 <= first["parsed"] <= 1.0 and first["centre_error"] > 0 and first["point_error"] >= 0
+    scenes = [pt.render_scene(0, pt.HELDOUT_OFFSET + i) for i in range(3)]
+    assert all(scene.targets for scene in scenes)
+    assert model.training, "evaluation hands the model back in training mode"

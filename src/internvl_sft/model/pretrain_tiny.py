@@ -14,7 +14,8 @@ The answers never use the UI-task formats (`操作：…\\n参数：…`), so th
     python -m internvl_sft.model.pretrain_tiny --out src/internvl_sft/model/assets/tiny_grounded.safetensors
 
 writes the pre-trained weights (upstream key names, fp32) that the `pretrained` stage loads when
-`pretrained.tiny.weights` names them; a run is deterministic for a given seed, step count and thread count.
+`pretrained.tiny.weights` names them; a run is deterministic for a given seed, step count and thread count
+(on a CPU; on a GPU up to its kernels), whatever the number of `--workers` drawing the batches.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import math
 import random
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,14 +34,15 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from internvl_sft.config import FastConfig
+from internvl_sft.config import FastConfig, InputsConfig
 from internvl_sft.data import synthetic as ui
 from internvl_sft.data.dataset import TilingSettings, collate
 from internvl_sft.data.template import encode_conversation, get_template
 from internvl_sft.data.tiling import dynamic_tiles, to_pixel_values
 from internvl_sft.fast import install_fast_path
+from internvl_sft.infer import Predictor, Query
 from internvl_sft.model.convert import native_to_upstream_state_dict, read_json, upstream_to_native
-from internvl_sft.model.load import load_model, load_tokenizer
+from internvl_sft.model.load import load_model, load_tokenizer, read_sidecar
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 
 RGB = tuple[int, int, int]
@@ -224,10 +227,14 @@ class PretrainSettings:
     turns: int = 3
     log_every: int = 25
     save_every: int = 250
+    eval_every: int = 500       # held-out point error every N steps (0: only at the end)
+    eval_scenes: int = 40
+    workers: int = 0            # processes drawing batches ahead (0: in the training process)
 
 
-class SceneBatches:
-    """Training batches of freshly drawn scenes: batch `step` always holds the same scenes."""
+class SceneBatches(torch.utils.data.Dataset):
+    """Training batches of freshly drawn scenes: batch `step` always holds the same scenes, whichever process
+    draws it, so data-loader workers keep a run deterministic."""
 
     def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
                  seed: int, turns: int):
@@ -255,6 +262,60 @@ class SceneBatches:
     def batch(self, step: int, size: int) -> dict[str, torch.Tensor]:
         items = [self.item(step * size + k) for k in range(size)]
         return collate(items, self.tokenizer.pad_token_id)
+
+    def loader(self, steps: int, size: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+        """Batches 0..steps-1 in order, drawn by `workers` processes ahead of training."""
+        return torch.utils.data.DataLoader(_Steps(self, size, steps), batch_size=None, num_workers=workers,
+                                           pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+
+
+class _Steps(torch.utils.data.Dataset):
+    def __init__(self, batches: SceneBatches, size: int, steps: int):
+        self.batches, self.size, self.steps = batches, size, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        return self.batches.batch(step, self.size)
+
+
+HELDOUT_OFFSET = 10_000_000  # scene indices of the held-out evaluation; training never reaches them
+
+
+def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, seed: int, scenes: int,
+                        folder: Path) -> dict[str, float]:
+    """Mean distance (0-1000 scale) between the answered and the true centre of one named thing in each of
+    `scenes` held-out scenes, greedy decoding, against always answering the image centre."""
+    tokenizer = load_tokenizer(native)
+    inputs = InputsConfig(template=sizes.template_name, max_dynamic_patch=sizes.max_dynamic_patch)
+    predictor = Predictor(model, tokenizer, inputs, read_sidecar(native), max_new_tokens=16)
+    folder.mkdir(parents=True, exist_ok=True)
+    queries, truths = [], []
+    for index in range(HELDOUT_OFFSET, HELDOUT_OFFSET + scenes):
+        scene = render_scene(seed, index)
+        label = random.Random(f"tiny-grounding-heldout:{seed}:{index}").choice(sorted(scene.targets))
+        x1, y1, x2, y2 = scene.targets[label]
+        width, height = scene.image.size
+        truths.append(((x1 + x2) / 2 * 1000 / width, (y1 + y2) / 2 * 1000 / height))
+        path = folder / f"scene_{index}.png"
+        scene.image.save(path)
+        queries.append(Query((path,), (("human", f"<image>\n{POINT_QUERY}<ref>{label}</ref>"),)))
+    answers = [answer for start in range(0, scenes, 8) for answer in predictor.generate(queries[start:start + 8])]
+    model.train()
+    errors, parsed = [], 0
+    for answer, (tx, ty) in zip(answers, truths):
+        point = parse_point(answer)
+        parsed += point is not None
+        px, py = point if point is not None else (500.0, 500.0)
+        errors.append(math.dist((px, py), (tx, ty)))
+    centre = [math.dist((500.0, 500.0), truth) for truth in truths]
+    return {"point_error": sum(errors) / scenes, "centre_error": sum(centre) / scenes, "parsed": parsed / scenes}
+
+
+def parse_point(answer: str) -> tuple[float, float] | None:
+    numbers = re.fullmatch(r"\s*\[\s*(\d+)\s*,\s*(\d+)\s*\]\s*", answer)
+    return (float(numbers[1]), float(numbers[2])) if numbers else None
 
 
 def learning_rate_factor(step: int, settings: PretrainSettings) -> float:
@@ -306,27 +367,36 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
                            sizes.max_dynamic_patch, settings.seed, settings.turns)
-    model.train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
     model.config.text_config.use_cache = False
     install_fast_path(model, FastConfig(answer_logits_only=True, frozen_vision_no_grad=False))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
     start, recent = time.time(), []
-    for step in range(settings.steps):
-        loss = model(**batches.batch(step, settings.batch_size)).loss
+    loader = batches.loader(settings.steps, settings.batch_size, settings.workers, device.type == "cuda")
+    for step, batch in enumerate(loader):
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         recent.append(loss.item())
-        if (step + 1) % settings.log_every == 0:
-            print(f"step {step + 1}/{settings.steps} loss {sum(recent) / len(recent):.4f} "
+        done = step + 1
+        if done % settings.log_every == 0:
+            print(f"step {done}/{settings.steps} loss {sum(recent) / len(recent):.4f} "
                   f"lr {schedule.get_last_lr()[0]:.2e} {time.time() - start:.0f}s", flush=True)
             recent = []
-        if (step + 1) % settings.save_every == 0 or step + 1 == settings.steps:
+        if done % settings.save_every == 0 or done == settings.steps:
             save_upstream_weights(model, llm_config, out)
+        if (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps:
+            result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout")
+            print(f"step {done}: held-out point error {result['point_error']:.1f} (always the centre: "
+                  f"{result['centre_error']:.1f}; answers parsed {result['parsed']:.0%})", flush=True)
     print(f"pre-trained weights written to {out} ({time.time() - start:.0f}s)", flush=True)
 
 
