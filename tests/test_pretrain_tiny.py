@@ -24,6 +24,14 @@ def test_scenes_are_deterministic_and_targets_lie_inside_the_image():
                                      for x1, y1, x2, y2 in first.targets.values())
 
 
+def test_alone_share_sets_how_many_scenes_hold_one_thing_alone():
+    alone = [len(pt.render_scene(0, index, alone_share=1.0).targets) for index in range(20)]
+    crowded = [len(pt.render_scene(0, index, alone_share=0.0).targets) for index in range(20)]
+    assert alone == [1] * 20
+    assert sum(count > 1 for count in crowded) >= 18
+    assert pt.render_scene(0, 5, alone_share=0.5).image.tobytes() == pt.render_scene(0, 5).image.tobytes()
+
+
 def test_scenes_are_not_the_ui_screens():
     sizes = {pt.render_scene(0, index).image.size for index in range(30)}
     assert sizes <= set(ui.PORTRAIT_SIZES + ui.OTHER_SIZES)

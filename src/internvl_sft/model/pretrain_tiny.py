@@ -84,7 +84,6 @@ THINGS: tuple[Thing, ...] = (
     Thing(ui.SEARCH_BUTTON, "search_button", ui.SEARCH_BUTTON_FILL),
 )
 DISTRACTOR_SHAPES = ("rect", "ellipse", "bar")
-SINGLE_THING_SHARE = 0.5
 POINT_SHARE = 0.7  # centre-point questions; the others ask for the box
 
 
@@ -163,12 +162,13 @@ class Scene:
     targets: dict[str, Box]  # label -> pixel box (x2, y2 exclusive)
 
 
-def render_scene(seed: int, index: int) -> Scene:
-    """Scene `index`: half of them one named thing alone on a plain background (where a thing is can be learned
-    from these before which thing is which), the others two to six named things and up to six distractors."""
+def render_scene(seed: int, index: int, alone_share: float = 0.5) -> Scene:
+    """Scene `index`: with probability `alone_share` one named thing alone on a plain background (where a thing is
+    can be learned from these before which thing is which), else two to six named things and up to six
+    distractors."""
     rng = random.Random(f"tiny-grounding:{seed}:{index}")
     width, height = rng.choice(SCENE_SIZES)
-    alone = rng.random() < SINGLE_THING_SHARE
+    alone = rng.random() < alone_share
     image = Image.new("RGB", (width, height), ui._random_colour(rng, 200, 250)) if alone else background(
         width, height, rng)
     draw = ImageDraw.Draw(image)
@@ -187,7 +187,7 @@ def render_scene(seed: int, index: int) -> Scene:
             draw_distractor(draw, box, rng)
             taken.append(box)
     if not targets:
-        return render_scene(seed, index + 1_000_000_007)
+        return render_scene(seed, index + 1_000_000_007, alone_share)
     return Scene(image, targets)
 
 
@@ -225,6 +225,7 @@ class PretrainSettings:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     turns: int = 3
+    alone_share: float = 0.5    # share of scenes with one thing alone on a plain background
     log_every: int = 25
     save_every: int = 250
     eval_every: int = 500       # held-out point error every N steps (0: only at the end)
@@ -237,16 +238,17 @@ class SceneBatches(torch.utils.data.Dataset):
     draws it, so data-loader workers keep a run deterministic."""
 
     def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
-                 seed: int, turns: int):
+                 seed: int, turns: int, alone_share: float):
         self.tokenizer = tokenizer
         self.template = get_template(template_name)
         self.tiling = TilingSettings(tile_size=tile_size, max_dynamic_patch=max_tiles)
         self.tokens_per_tile = tokens_per_tile
         self.seed = seed
         self.turns = turns
+        self.alone_share = alone_share
 
     def item(self, index: int) -> dict:
-        scene = render_scene(self.seed, index)
+        scene = render_scene(self.seed, index, self.alone_share)
         rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
         conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
         tiles = dynamic_tiles(scene.image, **self.tiling.options_for(1))
@@ -284,7 +286,7 @@ HELDOUT_OFFSET = 10_000_000  # scene indices of the held-out evaluation; trainin
 
 
 def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, seed: int, scenes: int,
-                        folder: Path) -> dict[str, float]:
+                        folder: Path, alone_share: float = 0.5) -> dict[str, float]:
     """Mean distance (0-1000 scale) between the answered and the true centre of one named thing in each of
     `scenes` held-out scenes, greedy decoding, against always answering the image centre."""
     tokenizer = load_tokenizer(native)
@@ -293,7 +295,7 @@ def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, 
     folder.mkdir(parents=True, exist_ok=True)
     queries, truths = [], []
     for index in range(HELDOUT_OFFSET, HELDOUT_OFFSET + scenes):
-        scene = render_scene(seed, index)
+        scene = render_scene(seed, index, alone_share)
         label = random.Random(f"tiny-grounding-heldout:{seed}:{index}").choice(sorted(scene.targets))
         x1, y1, x2, y2 = scene.targets[label]
         width, height = scene.image.size
@@ -366,7 +368,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     tokenizer = load_tokenizer(native)
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
-                           sizes.max_dynamic_patch, settings.seed, settings.turns)
+                           sizes.max_dynamic_patch, settings.seed, settings.turns, settings.alone_share)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     model.config.text_config.use_cache = False
@@ -394,7 +396,8 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
         if done % settings.save_every == 0 or done == settings.steps:
             save_upstream_weights(model, llm_config, out)
         if (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps:
-            result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout")
+            result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout",
+                                         settings.alone_share)
             print(f"step {done}: held-out point error {result['point_error']:.1f} (always the centre: "
                   f"{result['centre_error']:.1f}; answers parsed {result['parsed']:.0%})", flush=True)
     print(f"pre-trained weights written to {out} ({time.time() - start:.0f}s)", flush=True)
