@@ -11,6 +11,7 @@ from internvl_sft.data import synthetic as ui
 from internvl_sft.metrics import parse_action
 from internvl_sft.model import pretrain_tiny as pt
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
+from internvl_sft.model.load import load_tokenizer
 
 SMALL = TinySizes(vocab_size=400)
 
@@ -94,6 +95,17 @@ def test_batches_drawn_by_workers_train_the_same_weights(tmp_path):
     pt.pretrain(tmp_path / "workers.safetensors", dataclasses.replace(settings, workers=2), tmp_path / "b", SMALL)
     inline, workers = load_file(str(tmp_path / "inline.safetensors")), load_file(str(tmp_path / "workers.safetensors"))
     assert inline.keys() == workers.keys() and all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
+def test_a_scene_pool_repeats_its_scenes_in_order(tmp_path):
+    _, native = pt.build_random_base(tmp_path, 0, SMALL)
+    tokenizer = load_tokenizer(native)
+    pooled = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, 0.5, scene_pool=3)
+    fresh = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, 0.5)
+    for index in (0, 2):
+        for key in ("input_ids", "pixel_values"):
+            assert torch.equal(pooled.item(index + 3)[key], fresh.item(index)[key])
+    assert not torch.equal(fresh.item(3)["pixel_values"], fresh.item(0)["pixel_values"])
 
 
 def test_points_are_parsed_only_in_the_answer_format():

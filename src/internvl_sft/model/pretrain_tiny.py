@@ -226,6 +226,7 @@ class PretrainSettings:
     weight_decay: float = 0.01
     turns: int = 3
     alone_share: float = 0.5    # share of scenes with one thing alone on a plain background
+    scene_pool: int = 0         # >0: cycle through this many scenes (a fixed training set); 0: a new scene each time
     log_every: int = 25
     save_every: int = 250
     eval_every: int = 500       # held-out point error every N steps (0: only at the end)
@@ -238,7 +239,7 @@ class SceneBatches(torch.utils.data.Dataset):
     draws it, so data-loader workers keep a run deterministic."""
 
     def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
-                 seed: int, turns: int, alone_share: float):
+                 seed: int, turns: int, alone_share: float, scene_pool: int = 0):
         self.tokenizer = tokenizer
         self.template = get_template(template_name)
         self.tiling = TilingSettings(tile_size=tile_size, max_dynamic_patch=max_tiles)
@@ -246,8 +247,11 @@ class SceneBatches(torch.utils.data.Dataset):
         self.seed = seed
         self.turns = turns
         self.alone_share = alone_share
+        self.scene_pool = scene_pool
 
     def item(self, index: int) -> dict:
+        if self.scene_pool:
+            index %= self.scene_pool
         scene = render_scene(self.seed, index, self.alone_share)
         rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
         conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
@@ -368,7 +372,8 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     tokenizer = load_tokenizer(native)
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
-                           sizes.max_dynamic_patch, settings.seed, settings.turns, settings.alone_share)
+                           sizes.max_dynamic_patch, settings.seed, settings.turns, settings.alone_share,
+                           settings.scene_pool)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     model.config.text_config.use_cache = False
