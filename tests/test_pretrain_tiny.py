@@ -98,7 +98,7 @@ def test_batches_drawn_by_workers_train_the_same_weights(tmp_path):
 
 
 def test_a_scene_pool_repeats_its_scenes_in_order(tmp_path):
-    _, native = pt.build_random_base(tmp_path, 0, SMALL)
+    _, native = pt.build_start(tmp_path, 0, SMALL)
     tokenizer = load_tokenizer(native)
     pooled = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, 0.5, scene_pool=3)
     fresh = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, 0.5)
@@ -116,7 +116,7 @@ def test_points_are_parsed_only_in_the_answer_format():
 
 
 def test_heldout_error_is_measured_against_the_true_centres(tmp_path):
-    upstream, native = pt.build_random_base(tmp_path / "base", 0, SMALL)
+    upstream, native = pt.build_start(tmp_path / "base", 0, SMALL)
     model = pt.load_model(native)
     first = pt.heldout_point_error(model, native, SMALL, seed=0, scenes=3, folder=tmp_path / "scenes")
     assert first == pt.heldout_point_error(model, native, SMALL, seed=0, scenes=3, folder=tmp_path / "scenes")
@@ -124,3 +124,13 @@ def test_heldout_error_is_measured_against_the_true_centres(tmp_path):
     scenes = [pt.render_scene(0, pt.HELDOUT_OFFSET + i) for i in range(3)]
     assert all(scene.targets for scene in scenes)
     assert model.training, "evaluation hands the model back in training mode"
+
+
+def test_training_can_go_on_from_written_weights(tmp_path):
+    settings = pt.PretrainSettings(steps=1, batch_size=2, warmup_steps=1, log_every=1, save_every=1, eval_scenes=1)
+    pt.pretrain(tmp_path / "first.safetensors", settings, tmp_path / "a", SMALL)
+    upstream, _ = pt.build_start(tmp_path / "b", 0, SMALL, init=tmp_path / "first.safetensors")
+    written, start = load_file(str(tmp_path / "first.safetensors")), load_file(str(upstream / "model.safetensors"))
+    assert written.keys() == start.keys() and all(torch.equal(written[k], start[k]) for k in written)
+    random_start = load_file(str(pt.build_start(tmp_path / "c", 0, SMALL)[0] / "model.safetensors"))
+    assert not all(torch.equal(written[k], random_start[k]) for k in written)

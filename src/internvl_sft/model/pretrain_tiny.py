@@ -353,22 +353,26 @@ def centre_vision_inputs(model: torch.nn.Module) -> None:
     positions[:, 1:] -= positions[:, 1:].mean(dim=1, keepdim=True)
 
 
-def build_random_base(folder: Path, seed: int, sizes: TinySizes = GROUNDED_SIZES) -> tuple[Path, Path]:
-    """The random-init tiny checkpoint (upstream and native folders) that pre-training starts from."""
+def build_start(folder: Path, seed: int, sizes: TinySizes = GROUNDED_SIZES,
+                init: Path | None = None) -> tuple[Path, Path]:
+    """The tiny checkpoint (upstream and native folders) that pre-training starts from: random weights, or those
+    of `init` (a file this module wrote) to go on training them."""
     upstream, native = folder / "upstream", folder / "native"
-    build_tiny_checkpoint(upstream, corpus=grounded_corpus(), seed=seed, sizes=sizes)
+    build_tiny_checkpoint(upstream, corpus=grounded_corpus(), seed=seed, sizes=sizes, weights=init)
     upstream_to_native(upstream, native)
     return upstream, native
 
 
-def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes = GROUNDED_SIZES) -> None:
-    """Train every weight of a random tiny checkpoint of `sizes` on grounding scenes; write the weights to `out`
-    (upstream key names) every `save_every` steps and at the end."""
+def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes = GROUNDED_SIZES,
+             init: Path | None = None) -> None:
+    """Train every weight of a tiny checkpoint of `sizes` (random, or `init`'s weights) on grounding scenes; write
+    the weights to `out` (upstream key names) every `save_every` steps and at the end."""
     torch.manual_seed(settings.seed)
-    upstream, native = build_random_base(work, settings.seed, sizes)
+    upstream, native = build_start(work, settings.seed, sizes, init)
     llm_config = read_json(upstream / "config.json")["llm_config"]
     model = load_model(native)
-    centre_vision_inputs(model)
+    if init is None:
+        centre_vision_inputs(model)
     tokenizer = load_tokenizer(native)
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
@@ -415,6 +419,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for field in dataclasses.fields(PretrainSettings):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
                             default=getattr(defaults, field.name))
+    parser.add_argument("--init", type=Path, help="go on training these weights (a file this module wrote)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
@@ -425,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     settings = PretrainSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PretrainSettings)})
     with tempfile.TemporaryDirectory() as work:
-        pretrain(Path(args.out), settings, Path(work))
+        pretrain(Path(args.out), settings, Path(work), init=args.init)
 
 
 if __name__ == "__main__":
