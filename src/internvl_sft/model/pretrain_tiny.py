@@ -232,6 +232,7 @@ class PretrainSettings:
     eval_every: int = 500       # held-out point error every N steps (0: only at the end)
     eval_scenes: int = 40
     workers: int = 0            # processes drawing batches ahead (0: in the training process)
+    bf16: bool = False          # bf16 autocast on a GPU (fp32 otherwise)
 
 
 class SceneBatches(torch.utils.data.Dataset):
@@ -389,7 +390,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     loader = batches.loader(settings.steps, settings.batch_size, settings.workers, device.type == "cuda")
     for step, batch in enumerate(loader):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16 and device.type == "cuda"):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -417,8 +418,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="safetensors file of the pre-trained weights")
     defaults = PretrainSettings()
     for field in dataclasses.fields(PretrainSettings):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=default)
+        else:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--init", type=Path, help="go on training these weights (a file this module wrote)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
