@@ -26,11 +26,18 @@ def test_scenes_are_deterministic_and_targets_lie_inside_the_image():
 
 
 def test_alone_share_sets_how_many_scenes_hold_one_thing_alone():
-    alone = [len(pt.render_scene(0, index, alone_share=1.0).targets) for index in range(20)]
-    crowded = [len(pt.render_scene(0, index, alone_share=0.0).targets) for index in range(20)]
+    alone = [len(pt.render_scene(0, index, pt.SceneMix(alone_share=1.0)).targets) for index in range(20)]
+    crowded = [len(pt.render_scene(0, index, pt.SceneMix(alone_share=0.0)).targets) for index in range(20)]
     assert alone == [1] * 20
     assert sum(count > 1 for count in crowded) >= 18
-    assert pt.render_scene(0, 5, alone_share=0.5).image.tobytes() == pt.render_scene(0, 5).image.tobytes()
+    assert pt.render_scene(0, 5, pt.SceneMix(alone_share=0.5)).image.tobytes() == pt.render_scene(0, 5).image.tobytes()
+
+
+def test_a_scene_mix_bounds_the_named_things_and_distractors():
+    pairs = [pt.render_scene(0, index, pt.SceneMix(alone_share=0.0, max_things=2, distractors=0)) for index in range(20)]
+    assert all(len(scene.targets) <= 2 for scene in pairs) and sum(len(scene.targets) == 2 for scene in pairs) >= 18
+    crowded = [len(pt.render_scene(0, index, pt.SceneMix(alone_share=0.0)).targets) for index in range(20)]
+    assert max(crowded) > 2
 
 
 def test_scenes_are_not_the_ui_screens():
@@ -100,8 +107,8 @@ def test_batches_drawn_by_workers_train_the_same_weights(tmp_path):
 def test_a_scene_pool_repeats_its_scenes_in_order(tmp_path):
     _, native = pt.build_start(tmp_path, 0, SMALL)
     tokenizer = load_tokenizer(native)
-    pooled = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, 0.5, scene_pool=3)
-    fresh = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, 0.5)
+    pooled = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, pt.SceneMix(), scene_pool=3)
+    fresh = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, pt.SceneMix())
     for index in (0, 2):
         for key in ("input_ids", "pixel_values"):
             assert torch.equal(pooled.item(index + 3)[key], fresh.item(index)[key])

@@ -162,32 +162,41 @@ class Scene:
     targets: dict[str, Box]  # label -> pixel box (x2, y2 exclusive)
 
 
-def render_scene(seed: int, index: int, alone_share: float = 0.5) -> Scene:
-    """Scene `index`: with probability `alone_share` one named thing alone on a plain background (where a thing is
-    can be learned from these before which thing is which), else two to six named things and up to six
-    distractors."""
+@dataclasses.dataclass(frozen=True)
+class SceneMix:
+    """What the scenes hold: with probability `alone_share` one named thing alone on a plain background (where a
+    thing is can be learned from these before which thing is which), else two to `max_things` named things and
+    up to `distractors` unnamed shapes."""
+
+    alone_share: float = 0.5
+    max_things: int = 6
+    distractors: int = 6
+
+
+def render_scene(seed: int, index: int, mix: SceneMix = SceneMix()) -> Scene:
+    """Scene `index` of the scenes `mix` describes."""
     rng = random.Random(f"tiny-grounding:{seed}:{index}")
     width, height = rng.choice(SCENE_SIZES)
-    alone = rng.random() < alone_share
+    alone = rng.random() < mix.alone_share
     image = Image.new("RGB", (width, height), ui._random_colour(rng, 200, 250)) if alone else background(
         width, height, rng)
     draw = ImageDraw.Draw(image)
     taken: list[Box] = []
     targets: dict[str, Box] = {}
-    for thing in rng.sample(THINGS, 1 if alone else rng.randint(2, 6)):
+    for thing in rng.sample(THINGS, 1 if alone else rng.randint(2, mix.max_things)):
         box = place(width, height, thing_size(thing, width, rng), taken, rng)
         if box is not None:
             draw_thing(draw, thing, box, rng)
             taken.append(box)
             targets[thing.label] = box
-    for _ in range(0 if alone else rng.randint(0, 6)):
+    for _ in range(0 if alone else rng.randint(0, mix.distractors)):
         side = rng.randint(14, 44)
         box = place(width, height, (side, rng.choice((side, side // 2 + 6))), taken, rng)
         if box is not None:
             draw_distractor(draw, box, rng)
             taken.append(box)
     if not targets:
-        return render_scene(seed, index + 1_000_000_007, alone_share)
+        return render_scene(seed, index + 1_000_000_007, mix)
     return Scene(image, targets)
 
 
@@ -226,6 +235,8 @@ class PretrainSettings:
     weight_decay: float = 0.01
     turns: int = 3
     alone_share: float = 0.5    # share of scenes with one thing alone on a plain background
+    max_things: int = 6         # named things in the other scenes: 2 to this many
+    distractors: int = 6        # unnamed shapes in the other scenes: 0 to this many
     scene_pool: int = 0         # >0: cycle through this many scenes (a fixed training set); 0: a new scene each time
     log_every: int = 25
     save_every: int = 250
@@ -234,26 +245,29 @@ class PretrainSettings:
     workers: int = 0            # processes drawing batches ahead (0: in the training process)
     bf16: bool = False          # bf16 autocast on a GPU (fp32 otherwise)
 
+    def mix(self) -> SceneMix:
+        return SceneMix(self.alone_share, self.max_things, self.distractors)
+
 
 class SceneBatches(torch.utils.data.Dataset):
     """Training batches of freshly drawn scenes: batch `step` always holds the same scenes, whichever process
     draws it, so data-loader workers keep a run deterministic."""
 
     def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
-                 seed: int, turns: int, alone_share: float, scene_pool: int = 0):
+                 seed: int, turns: int, mix: SceneMix, scene_pool: int = 0):
         self.tokenizer = tokenizer
         self.template = get_template(template_name)
         self.tiling = TilingSettings(tile_size=tile_size, max_dynamic_patch=max_tiles)
         self.tokens_per_tile = tokens_per_tile
         self.seed = seed
         self.turns = turns
-        self.alone_share = alone_share
+        self.mix = mix
         self.scene_pool = scene_pool
 
     def item(self, index: int) -> dict:
         if self.scene_pool:
             index %= self.scene_pool
-        scene = render_scene(self.seed, index, self.alone_share)
+        scene = render_scene(self.seed, index, self.mix)
         rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
         conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
         tiles = dynamic_tiles(scene.image, **self.tiling.options_for(1))
@@ -291,7 +305,7 @@ HELDOUT_OFFSET = 10_000_000  # scene indices of the held-out evaluation; trainin
 
 
 def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, seed: int, scenes: int,
-                        folder: Path, alone_share: float = 0.5) -> dict[str, float]:
+                        folder: Path, mix: SceneMix = SceneMix()) -> dict[str, float]:
     """Mean distance (0-1000 scale) between the answered and the true centre of one named thing in each of
     `scenes` held-out scenes, greedy decoding, against always answering the image centre."""
     tokenizer = load_tokenizer(native)
@@ -300,7 +314,7 @@ def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, 
     folder.mkdir(parents=True, exist_ok=True)
     queries, truths = [], []
     for index in range(HELDOUT_OFFSET, HELDOUT_OFFSET + scenes):
-        scene = render_scene(seed, index, alone_share)
+        scene = render_scene(seed, index, mix)
         label = random.Random(f"tiny-grounding-heldout:{seed}:{index}").choice(sorted(scene.targets))
         x1, y1, x2, y2 = scene.targets[label]
         width, height = scene.image.size
@@ -377,7 +391,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     tokenizer = load_tokenizer(native)
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
-                           sizes.max_dynamic_patch, settings.seed, settings.turns, settings.alone_share,
+                           sizes.max_dynamic_patch, settings.seed, settings.turns, settings.mix(),
                            settings.scene_pool)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
@@ -407,7 +421,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
             save_upstream_weights(model, llm_config, out)
         if (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps:
             result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout",
-                                         settings.alone_share)
+                                         settings.mix())
             print(f"step {done}: held-out point error {result['point_error']:.1f} (always the centre: "
                   f"{result['centre_error']:.1f}; answers parsed {result['parsed']:.0%})", flush=True)
     print(f"pre-trained weights written to {out} ({time.time() - start:.0f}s)", flush=True)
