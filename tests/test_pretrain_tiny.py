@@ -34,7 +34,8 @@ def test_alone_share_sets_how_many_scenes_hold_one_thing_alone():
 
 
 def test_a_scene_mix_bounds_the_named_things_and_distractors():
-    pairs = [pt.render_scene(0, index, pt.SceneMix(alone_share=0.0, max_things=2, distractors=0)) for index in range(20)]
+    two = pt.SceneMix(alone_share=0.0, max_things=2, distractors=0)
+    pairs = [pt.render_scene(0, index, two) for index in range(20)]
     assert all(len(scene.targets) <= 2 for scene in pairs) and sum(len(scene.targets) == 2 for scene in pairs) >= 18
     crowded = [len(pt.render_scene(0, index, pt.SceneMix(alone_share=0.0)).targets) for index in range(20)]
     assert max(crowded) > 2

@@ -290,4 +290,4 @@ def test_regenerating_removes_stale_screens(tmp_path: Path) -> None:
 def test_unknown_nav_shape_is_rejected() -> None:
     draw = synthetic.ImageDraw.Draw(Image.new("RGB", (10, 10)))
     with pytest.raises(ValueError, match="hexagon"):
-        synthetic._nav_icon(draw, "hexagon", 5, 5, 3, (0, 0, 0))
+        synthetic.draw_nav_icon(draw, "hexagon", 5, 5, 3, (0, 0, 0))

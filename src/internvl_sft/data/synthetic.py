@@ -216,12 +216,12 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(size, 6))
 
 
-def _mix(colour: RGB, other: RGB, amount: float) -> RGB:
+def blend(colour: RGB, other: RGB, amount: float) -> RGB:
     r, g, b = (round(c + (o - c) * amount) for c, o in zip(colour, other))
     return r, g, b
 
 
-def _random_colour(rng: random.Random, low: int, high: int) -> RGB:
+def random_colour(rng: random.Random, low: int, high: int) -> RGB:
     return rng.randint(low, high), rng.randint(low, high), rng.randint(low, high)
 
 
@@ -230,7 +230,7 @@ def _text_colour_on(fill: RGB) -> RGB:
     return TEXT_DARK if luminance > 170 else WHITE
 
 
-def _text_bar(draw: ImageDraw.ImageDraw, x: float, y: float, width: float, height: float, fill: RGB) -> None:
+def draw_text_bar(draw: ImageDraw.ImageDraw, x: float, y: float, width: float, height: float, fill: RGB) -> None:
     """A rounded bar standing in for a line of text."""
     draw.rounded_rectangle((x, y, x + max(width, height), y + height), radius=height / 2, fill=fill)
 
@@ -239,7 +239,7 @@ def _caption(draw: ImageDraw.ImageDraw, cx: float, top: float, text: str, size: 
     draw.text((cx, top), text, font=_font(size), fill=fill, anchor="mt")
 
 
-def _magnifier(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, fill: RGB, u: float) -> None:
+def draw_magnifier(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, fill: RGB, u: float) -> None:
     """A ring with a handle; the ring's hole keeps the centre pixel in the background colour."""
     width = max(2, round(2 * u))
     draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=fill, width=width)
@@ -262,7 +262,7 @@ def _status_bar(draw: ImageDraw.ImageDraw, width: int, height: int, fill: RGB | 
         draw.rectangle((x, height / 2 + 4 * u - (bar + 1) * 2 * u, x + 2 * u, height / 2 + 4 * u), fill=ink)
 
 
-def _nav_icon(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: RGB) -> None:
+def draw_nav_icon(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: RGB) -> None:
     """Draws a navigation icon that always covers its centre point."""
     if shape == "house":
         draw.rectangle((cx - 0.8 * r, cy - 0.2 * r, cx + 0.8 * r, cy + r), fill=fill)
@@ -299,11 +299,11 @@ def _scale(width: int, height: int) -> float:
 
 def _wallpaper(image: Image.Image, rng: random.Random) -> RGB:
     draw = ImageDraw.Draw(image)
-    top = _random_colour(rng, 60, 200)
-    bottom = _mix(top, _random_colour(rng, 40, 220), 0.8)
+    top = random_colour(rng, 60, 200)
+    bottom = blend(top, random_colour(rng, 40, 220), 0.8)
     width, height = image.size
     for y in range(height):
-        draw.line((0, y, width - 1, y), fill=_mix(top, bottom, y / max(height - 1, 1)))
+        draw.line((0, y, width - 1, y), fill=blend(top, bottom, y / max(height - 1, 1)))
     return bottom
 
 
@@ -314,11 +314,11 @@ def _widget(draw: ImageDraw.ImageDraw, width: int, top: float, rows: int, cell_h
     if rows == 1:
         clock = f"{rng.randint(7, 23)}:{rng.randint(0, 59):02d}"
         draw.text((width / 2, top + 4 * u), clock, font=_font(round(30 * u)), fill=WHITE, anchor="mt")
-        _text_bar(draw, width / 2 - 30 * u, bottom - 12 * u, 60 * u, 6 * u, WHITE)
+        draw_text_bar(draw, width / 2 - 30 * u, bottom - 12 * u, 60 * u, 6 * u, WHITE)
         return
     draw.rounded_rectangle((12 * u, top + 4 * u, width - 12 * u, bottom), radius=12 * u, fill=fill)
-    _text_bar(draw, 24 * u, top + 16 * u, 60 * u, 14 * u, TEXT_DARK)
-    _text_bar(draw, 24 * u, top + 40 * u, 90 * u, 7 * u, TEXT_LIGHT)
+    draw_text_bar(draw, 24 * u, top + 16 * u, 60 * u, 14 * u, TEXT_DARK)
+    draw_text_bar(draw, 24 * u, top + 40 * u, 90 * u, 7 * u, TEXT_LIGHT)
     draw.ellipse((width - 64 * u, top + 18 * u, width - 28 * u, top + 54 * u), fill=(255, 200, 40))
 
 
@@ -336,11 +336,11 @@ def _home_slots(width: int, height: int, rng: random.Random, u: float,
     rows = max(1, int((grid_bottom - grid_top) // cell_h))
     widget_rows = rng.choices((0, 1, 2), weights=(0.4, 0.3, 0.3))[0] if rows >= 4 else 0
     if widget_rows:
-        _widget(draw, width, grid_top, widget_rows, cell_h, _mix(dock_fill, WHITE, 0.3), rng, u)
+        _widget(draw, width, grid_top, widget_rows, cell_h, blend(dock_fill, WHITE, 0.3), rng, u)
     dots_y = dock_top - 10 * u
     for k in range(3):
         x = width / 2 + (k - 1) * 10 * u
-        fill = WHITE if k == 0 else _mix(dock_fill, (90, 90, 90), 0.4)
+        fill = WHITE if k == 0 else blend(dock_fill, (90, 90, 90), 0.4)
         draw.ellipse((x - 2.5 * u, dots_y - 2.5 * u, x + 2.5 * u, dots_y + 2.5 * u), fill=fill)
     draw.rounded_rectangle((8 * u, dock_top, width - 8 * u, dock_top + dock_h), radius=18 * u, fill=dock_fill)
     slots = [(8 * u + (c + 0.5) * cell_w, grid_top + r * cell_h + 24 * u)
@@ -376,7 +376,7 @@ def render_home(width: int, height: int, rng: random.Random) -> Screen:
     """Wallpaper, a grid of app icons in shuffled order (with fillers and gaps) and a dock."""
     u = _scale(width, height)
     image = Image.new("RGB", (width, height))
-    dock_fill = _mix(_wallpaper(image, rng), WHITE, 0.45)
+    dock_fill = blend(_wallpaper(image, rng), WHITE, 0.45)
     draw = ImageDraw.Draw(image)
     _status_bar(draw, width, round(18 * u), None, WHITE, rng, u)
     slots, dock_start, band = _home_slots(width, height, rng, u, draw, dock_fill)
@@ -450,7 +450,7 @@ def _tab_strip(draw: ImageDraw.ImageDraw, width: int, layout: _PageLayout, app: 
     for k in range(count):
         cx = (k + 0.5) * width / count
         bar_w = rng.randint(22, 34) * u
-        _text_bar(draw, cx - bar_w / 2, top + 10 * u, bar_w, 7 * u, TEXT_DARK if k == 0 else TEXT_LIGHT)
+        draw_text_bar(draw, cx - bar_w / 2, top + 10 * u, bar_w, 7 * u, TEXT_DARK if k == 0 else TEXT_LIGHT)
         if k == 0:
             draw.rectangle((cx - bar_w / 2, top + 23 * u, cx + bar_w / 2, top + 26 * u), fill=app.colour)
 
@@ -458,13 +458,13 @@ def _tab_strip(draw: ImageDraw.ImageDraw, width: int, layout: _PageLayout, app: 
 def _banner(draw: ImageDraw.ImageDraw, width: int, layout: _PageLayout, rng: random.Random) -> None:
     u = layout.u
     top = layout.search_top - round(8 * u) - layout.banner_h
-    fill = _random_colour(rng, 170, 235)
+    fill = random_colour(rng, 170, 235)
     draw.rounded_rectangle((10 * u, top + 6 * u, width - 10 * u, top + layout.banner_h - 2 * u), radius=10 * u,
                            fill=fill)
-    _text_bar(draw, 22 * u, top + 18 * u, rng.randint(50, 90) * u, 10 * u, _mix(fill, TEXT_DARK, 0.7))
+    draw_text_bar(draw, 22 * u, top + 18 * u, rng.randint(50, 90) * u, 10 * u, blend(fill, TEXT_DARK, 0.7))
     if layout.banner_h > 80 * u:
-        _text_bar(draw, 22 * u, top + 38 * u, rng.randint(60, 110) * u, 6 * u, _mix(fill, WHITE, 0.6))
-        draw.ellipse((width - 70 * u, top + 30 * u, width - 24 * u, top + 76 * u), fill=_mix(fill, WHITE, 0.5))
+        draw_text_bar(draw, 22 * u, top + 38 * u, rng.randint(60, 110) * u, 6 * u, blend(fill, WHITE, 0.6))
+        draw.ellipse((width - 70 * u, top + 30 * u, width - 24 * u, top + 76 * u), fill=blend(fill, WHITE, 0.5))
 
 
 def _search_row(draw: ImageDraw.ImageDraw, width: int, layout: _PageLayout, query: str | None,
@@ -479,17 +479,17 @@ def _search_row(draw: ImageDraw.ImageDraw, width: int, layout: _PageLayout, quer
     draw.rounded_rectangle((box[0], box[1], box[2] - 1, box[3] - 1), radius=8 * u, fill=SEARCH_BOX_FILL,
                            outline=border, width=max(2, round(2 * u)))
     cy = (top + bottom) / 2
-    _magnifier(draw, box[0] + 14 * u, cy - 1 * u, 5 * u, SEARCH_BOX_BORDER, u)
+    draw_magnifier(draw, box[0] + 14 * u, cy - 1 * u, 5 * u, SEARCH_BOX_BORDER, u)
     text_left = box[0] + 26 * u
     text_room = box[0] + 0.45 * (box[2] - box[0]) - text_left
     if query is None:
-        _text_bar(draw, text_left, cy - 3 * u, text_room * 0.8, 6 * u, TEXT_LIGHT)
+        draw_text_bar(draw, text_left, cy - 3 * u, text_room * 0.8, 6 * u, TEXT_LIGHT)
     else:
-        _text_bar(draw, text_left, cy - 4 * u, min(len(query) * 9 * u, text_room), 8 * u, TEXT_DARK)
+        draw_text_bar(draw, text_left, cy - 4 * u, min(len(query) * 9 * u, text_room), 8 * u, TEXT_DARK)
     if focused:
         draw.line((text_left - 2 * u, cy - 8 * u, text_left - 2 * u, cy + 8 * u), fill=SEARCH_BOX_FOCUS_BORDER, width=2)
     draw.rounded_rectangle((button[0], button[1], button[2] - 1, button[3] - 1), radius=8 * u, fill=SEARCH_BUTTON_FILL)
-    _magnifier(draw, (button[0] + button[2]) / 2, cy, 7 * u, WHITE, u)
+    draw_magnifier(draw, (button[0] + button[2]) / 2, cy, 7 * u, WHITE, u)
     return {"search_box": Element(box, SEARCH_BOX_FILL), "search_button": Element(button, SEARCH_BUTTON_FILL)}
 
 
@@ -504,15 +504,15 @@ def _list_rows(draw: ImageDraw.ImageDraw, width: int, top: int, bottom: int, vis
         if y + row_h > bottom:
             break
         box = (round(8 * u), y, width - round(8 * u), y + row_h)
-        fill = _mix(label.colour, WHITE, 0.72)
+        fill = blend(label.colour, WHITE, 0.72)
         draw.rounded_rectangle((box[0], box[1], box[2] - 1, box[3] - 1), radius=6 * u, fill=fill)
         cy = y + row_h / 2
         draw.ellipse((box[0] + 8 * u, cy - 13 * u, box[0] + 34 * u, cy + 13 * u), fill=label.colour)
         text_room = box[0] + 0.44 * (box[2] - box[0]) - (box[0] + 42 * u)
-        muted = _mix(fill, TEXT_DARK, 0.35)
-        _text_bar(draw, box[0] + 42 * u, y + 11 * u, text_room * rng.uniform(0.5, 1.0), 7 * u, TEXT_DARK)
-        _text_bar(draw, box[0] + 42 * u, y + 27 * u, text_room * rng.uniform(0.4, 0.9), 5 * u, muted)
-        _text_bar(draw, box[2] - 30 * u, y + 11 * u, 20 * u, 5 * u, muted)
+        muted = blend(fill, TEXT_DARK, 0.35)
+        draw_text_bar(draw, box[0] + 42 * u, y + 11 * u, text_room * rng.uniform(0.5, 1.0), 7 * u, TEXT_DARK)
+        draw_text_bar(draw, box[0] + 42 * u, y + 27 * u, text_room * rng.uniform(0.4, 0.9), 5 * u, muted)
+        draw_text_bar(draw, box[2] - 30 * u, y + 11 * u, 20 * u, 5 * u, muted)
         if y + row_h <= visible_bottom:
             elements[f"row:{label.label}"] = Element(box, fill)
         y += row_h + gap
@@ -528,13 +528,13 @@ def _result_cards(draw: ImageDraw.ImageDraw, width: int, top: int, bottom: int, 
     while y + card_h <= bottom:
         box = (round(8 * u), y, width - round(8 * u), y + card_h)
         draw.rounded_rectangle((box[0], box[1], box[2] - 1, box[3] - 1), radius=6 * u, fill=RESULT_CARD_FILL)
-        thumb = _random_colour(rng, 90, 220)
+        thumb = random_colour(rng, 90, 220)
         draw.rectangle((box[0] + 6 * u, y + 6 * u, box[0] + 58 * u, y + card_h - 6 * u), fill=thumb)
         text_left = box[0] + 66 * u
         text_room = box[0] + 0.44 * (box[2] - box[0]) - text_left
-        _text_bar(draw, text_left, y + 10 * u, text_room * rng.uniform(0.6, 1.0), 7 * u, TEXT_DARK)
-        _text_bar(draw, text_left, y + 24 * u, text_room * rng.uniform(0.4, 0.9), 5 * u, TEXT_LIGHT)
-        _text_bar(draw, text_left, y + 44 * u, 28 * u, 8 * u, (232, 64, 48))
+        draw_text_bar(draw, text_left, y + 10 * u, text_room * rng.uniform(0.6, 1.0), 7 * u, TEXT_DARK)
+        draw_text_bar(draw, text_left, y + 24 * u, text_room * rng.uniform(0.4, 0.9), 5 * u, TEXT_LIGHT)
+        draw_text_bar(draw, text_left, y + 44 * u, 28 * u, 8 * u, (232, 64, 48))
         if not elements:
             elements["first_result"] = Element(box, RESULT_CARD_FILL)
         y += card_h + gap
@@ -546,8 +546,8 @@ def _suggestion_panel(draw: ImageDraw.ImageDraw, width: int, top: int, bottom: i
     draw.rectangle((0, top - round(4 * u), width - 1, bottom), fill=SUGGESTION_PANEL_FILL)
     y = top + 6 * u
     while y + 24 * u <= bottom:
-        _magnifier(draw, 20 * u, y + 10 * u, 4 * u, TEXT_LIGHT, u)
-        _text_bar(draw, 36 * u, y + 7 * u, rng.randint(40, 110) * u, 6 * u, TEXT_DARK)
+        draw_magnifier(draw, 20 * u, y + 10 * u, 4 * u, TEXT_LIGHT, u)
+        draw_text_bar(draw, 36 * u, y + 7 * u, rng.randint(40, 110) * u, 6 * u, TEXT_DARK)
         y += 32 * u
 
 
@@ -561,7 +561,7 @@ def _nav_bar(draw: ImageDraw.ImageDraw, width: int, height: int, top: int, u: fl
     for k, tab in enumerate(tabs):
         box = (round(k * width / len(tabs)), top, round((k + 1) * width / len(tabs)), height)
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        _nav_icon(draw, tab.shape, cx, cy - 2 * u, 10 * u, tab.colour)
+        draw_nav_icon(draw, tab.shape, cx, cy - 2 * u, 10 * u, tab.colour)
         _caption(draw, cx, cy + 12 * u, tab.caption, round(8 * u), TEXT_DARK if k == 0 else (130, 130, 136))
         elements[f"nav:{tab.label}"] = Element(box, tab.colour)
     return elements
@@ -607,7 +607,7 @@ def render_page(width: int, height: int, kind: str, rng: random.Random) -> Scree
     elements = _search_row(draw, width, layout, query, focused=kind == "keyboard")
     content_top = layout.content_top
     if kind in ("page", "keyboard") and rng.random() < 0.5:
-        _text_bar(draw, 12 * u, content_top + 4 * u, rng.randint(30, 60) * u, 6 * u, TEXT_LIGHT)
+        draw_text_bar(draw, 12 * u, content_top + 4 * u, rng.randint(30, 60) * u, 6 * u, TEXT_LIGHT)
         content_top += round(18 * u)
     content_bottom = layout.nav_top - round(4 * u)
     scroll_band: Box | None = (0, content_top, width, content_bottom)

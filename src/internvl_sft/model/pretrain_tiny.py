@@ -108,41 +108,41 @@ def draw_thing(draw: ImageDraw.ImageDraw, thing: Thing, box: Box, rng: random.Ra
     if thing.kind == "app":
         draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=w / 5, fill=thing.colour)
     elif thing.kind == "nav":
-        ui._nav_icon(draw, thing.shape, cx, cy, w / 2.3, thing.colour)
+        ui.draw_nav_icon(draw, thing.shape, cx, cy, w / 2.3, thing.colour)
     elif thing.kind == "row":
-        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=6, fill=ui._mix(thing.colour, ui.WHITE, 0.72))
+        draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=6, fill=ui.blend(thing.colour, ui.WHITE, 0.72))
         r = h * 0.3
         draw.ellipse((x1 + 8, cy - r, x1 + 8 + 2 * r, cy + r), fill=thing.colour)
-        ui._text_bar(draw, x1 + 16 + 2 * r, y1 + h * 0.25, (w - 2 * r) * rng.uniform(0.2, 0.4), h * 0.15,
+        ui.draw_text_bar(draw, x1 + 16 + 2 * r, y1 + h * 0.25, (w - 2 * r) * rng.uniform(0.2, 0.4), h * 0.15,
                      ui.TEXT_DARK)
     elif thing.kind == "search_box":
         draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=8, fill=ui.SEARCH_BOX_FILL,
                                outline=rng.choice((ui.SEARCH_BOX_BORDER, ui.SEARCH_BOX_FOCUS_BORDER)), width=2)
-        ui._magnifier(draw, x1 + 14, cy - 1, 5, ui.SEARCH_BOX_BORDER, 1.0)
+        ui.draw_magnifier(draw, x1 + 14, cy - 1, 5, ui.SEARCH_BOX_BORDER, 1.0)
     else:
         draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=8, fill=ui.SEARCH_BUTTON_FILL)
-        ui._magnifier(draw, cx, cy, 7, ui.WHITE, 1.0)
+        ui.draw_magnifier(draw, cx, cy, 7, ui.WHITE, 1.0)
 
 
 def draw_distractor(draw: ImageDraw.ImageDraw, box: Box, rng: random.Random) -> None:
     x1, y1, x2, y2 = box
-    fill = rng.choice([colour for _, colour in ui.FILLER_ICONS] + [ui._random_colour(rng, 150, 240)])
+    fill = rng.choice([colour for _, colour in ui.FILLER_ICONS] + [ui.random_colour(rng, 150, 240)])
     shape = rng.choice(DISTRACTOR_SHAPES)
     if shape == "rect":
         draw.rounded_rectangle((x1, y1, x2 - 1, y2 - 1), radius=(x2 - x1) / 5, fill=fill)
     elif shape == "ellipse":
         draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
     else:
-        ui._text_bar(draw, x1, y1, x2 - x1, max(4, (y2 - y1) // 3), fill)
+        ui.draw_text_bar(draw, x1, y1, x2 - x1, max(4, (y2 - y1) // 3), fill)
 
 
 def background(width: int, height: int, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (width, height), ui._random_colour(rng, 200, 250))
+    image = Image.new("RGB", (width, height), ui.random_colour(rng, 200, 250))
     if rng.random() < 0.5:
         draw = ImageDraw.Draw(image)
-        top, bottom = ui._random_colour(rng, 40, 240), ui._random_colour(rng, 40, 240)
+        top, bottom = ui.random_colour(rng, 40, 240), ui.random_colour(rng, 40, 240)
         for y in range(height):
-            draw.line((0, y, width - 1, y), fill=ui._mix(top, bottom, y / max(height - 1, 1)))
+            draw.line((0, y, width - 1, y), fill=ui.blend(top, bottom, y / max(height - 1, 1)))
     return image
 
 
@@ -178,7 +178,7 @@ def render_scene(seed: int, index: int, mix: SceneMix = SceneMix()) -> Scene:
     rng = random.Random(f"tiny-grounding:{seed}:{index}")
     width, height = rng.choice(SCENE_SIZES)
     alone = rng.random() < mix.alone_share
-    image = Image.new("RGB", (width, height), ui._random_colour(rng, 200, 250)) if alone else background(
+    image = Image.new("RGB", (width, height), ui.random_colour(rng, 200, 250)) if alone else background(
         width, height, rng)
     draw = ImageDraw.Draw(image)
     taken: list[Box] = []
@@ -447,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = PretrainSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PretrainSettings)})
+    fields = dataclasses.fields(PretrainSettings)
+    settings = PretrainSettings(**{field.name: getattr(args, field.name) for field in fields})
     with tempfile.TemporaryDirectory() as work:
         pretrain(Path(args.out), settings, Path(work), init=args.init)
 
