@@ -112,8 +112,23 @@ def test_a_scene_pool_repeats_its_scenes_in_order(tmp_path):
     fresh = pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, pt.SceneMix())
     for index in (0, 2):
         for key in ("input_ids", "pixel_values"):
-            assert torch.equal(pooled.item(index + 3)[key], fresh.item(index)[key])
-    assert not torch.equal(fresh.item(3)["pixel_values"], fresh.item(0)["pixel_values"])
+            assert torch.equal(pooled.item(index + 3, pooled.mix)[key], fresh.item(index, fresh.mix)[key])
+    assert not torch.equal(fresh.item(3, fresh.mix)["pixel_values"], fresh.item(0, fresh.mix)["pixel_values"])
+
+
+def test_alone_steps_come_first_then_the_mix(tmp_path):
+    _, native = pt.build_start(tmp_path, 0, SMALL)
+    tokenizer = load_tokenizer(native)
+
+    def batches(mix, alone_steps=0):
+        return pt.SceneBatches(tokenizer, SMALL.template_name, SMALL.image_size, 16, 4, 0, 3, mix,
+                               alone_steps=alone_steps)
+
+    curriculum = batches(pt.SceneMix(alone_share=0.0), alone_steps=1)
+    alone, crowded = batches(pt.SceneMix(alone_share=1.0)), batches(pt.SceneMix(alone_share=0.0))
+    assert torch.equal(curriculum.batch(0, 2)["pixel_values"], alone.batch(0, 2)["pixel_values"])
+    assert torch.equal(curriculum.batch(1, 2)["pixel_values"], crowded.batch(1, 2)["pixel_values"])
+    assert not torch.equal(alone.batch(1, 2)["pixel_values"], crowded.batch(1, 2)["pixel_values"])
 
 
 def test_points_are_parsed_only_in_the_answer_format():

@@ -238,6 +238,7 @@ class PretrainSettings:
     max_things: int = 6         # named things in the other scenes: 2 to this many
     distractors: int = 6        # unnamed shapes in the other scenes: 0 to this many
     scene_pool: int = 0         # >0: cycle through this many scenes (a fixed training set); 0: a new scene each time
+    alone_steps: int = 0        # the first N steps draw one-thing scenes only (where before which), then the mix
     log_every: int = 25
     save_every: int = 250
     eval_every: int = 500       # held-out point error every N steps (0: only at the end)
@@ -251,10 +252,11 @@ class PretrainSettings:
 
 class SceneBatches(torch.utils.data.Dataset):
     """Training batches of freshly drawn scenes: batch `step` always holds the same scenes, whichever process
-    draws it, so data-loader workers keep a run deterministic."""
+    draws it, so data-loader workers keep a run deterministic. The first `alone_steps` batches hold one-thing
+    scenes only, the later ones scenes of `mix`."""
 
     def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
-                 seed: int, turns: int, mix: SceneMix, scene_pool: int = 0):
+                 seed: int, turns: int, mix: SceneMix, scene_pool: int = 0, alone_steps: int = 0):
         self.tokenizer = tokenizer
         self.template = get_template(template_name)
         self.tiling = TilingSettings(tile_size=tile_size, max_dynamic_patch=max_tiles)
@@ -263,11 +265,12 @@ class SceneBatches(torch.utils.data.Dataset):
         self.turns = turns
         self.mix = mix
         self.scene_pool = scene_pool
+        self.alone_steps = alone_steps
 
-    def item(self, index: int) -> dict:
+    def item(self, index: int, mix: SceneMix) -> dict:
         if self.scene_pool:
             index %= self.scene_pool
-        scene = render_scene(self.seed, index, self.mix)
+        scene = render_scene(self.seed, index, mix)
         rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
         conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
         tiles = dynamic_tiles(scene.image, **self.tiling.options_for(1))
@@ -281,7 +284,8 @@ class SceneBatches(torch.utils.data.Dataset):
         }
 
     def batch(self, step: int, size: int) -> dict[str, torch.Tensor]:
-        items = [self.item(step * size + k) for k in range(size)]
+        mix = SceneMix(alone_share=1.0) if step < self.alone_steps else self.mix
+        items = [self.item(step * size + k, mix) for k in range(size)]
         return collate(items, self.tokenizer.pad_token_id)
 
     def loader(self, steps: int, size: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
@@ -392,7 +396,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
                            sizes.max_dynamic_patch, settings.seed, settings.turns, settings.mix(),
-                           settings.scene_pool)
+                           settings.scene_pool, settings.alone_steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     model.config.text_config.use_cache = False
