@@ -1,7 +1,8 @@
-"""The pre-trained embedded-default base: its grounding scenes, its training step and the committed weights."""
+"""The pre-training of the embedded-default base: its grounding scenes, its training, its held-out metrics, given weights."""
 
 import dataclasses
 import random
+import re
 
 import pytest
 import torch
@@ -147,6 +148,43 @@ def test_heldout_error_is_measured_against_the_true_centres(tmp_path):
     scenes = [pt.render_scene(0, pt.HELDOUT_OFFSET + i) for i in range(3)]
     assert all(scene.targets for scene in scenes)
     assert model.training, "evaluation hands the model back in training mode"
+
+
+class _Answers:
+    """A stand-in for the Predictor that answers the asked thing's true centre, or always the image centre."""
+
+    oracle = True
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def generate(self, queries):
+        answers = []
+        for query in queries:
+            index = int(query.images[0].stem.removeprefix("scene_"))
+            label = re.search("<ref>(.+)</ref>", query.conversations[0][1])[1]
+            scene = pt.render_scene(0, index, CROWDED)
+            x1, y1, x2, y2 = scene.targets[label]
+            width, height = scene.image.size
+            point = (round((x1 + x2) / 2 * 1000 / width), round((y1 + y2) / 2 * 1000 / height))
+            answers.append(f"[{point[0]}, {point[1]}]" if self.oracle else "[500, 500]")
+        return answers
+
+
+CROWDED = pt.SceneMix(alone_share=0.0)
+
+
+def test_heldout_metrics_of_known_answers(tmp_path, monkeypatch):
+    upstream, native = pt.build_start(tmp_path / "base", 0, SMALL)
+    model = pt.load_model(native)
+    monkeypatch.setattr(pt, "Predictor", _Answers)
+    right = pt.heldout_point_error(model, native, SMALL, seed=0, scenes=8, folder=tmp_path / "a", mix=CROWDED)
+    assert right["point_error"] < 1.0 and right["parsed"] == 1.0
+    assert right["crowded"] >= 6 and right["picked"] == 1.0 and 0.0 < right["by_chance"] <= 0.5
+    monkeypatch.setattr(_Answers, "oracle", False)
+    centre = pt.heldout_point_error(model, native, SMALL, seed=0, scenes=8, folder=tmp_path / "b", mix=CROWDED)
+    assert centre["point_error"] == pytest.approx(centre["centre_error"]) and centre["centre_error"] > 50
+    assert centre["picked"] < 1.0
 
 
 def test_training_can_go_on_from_written_weights(tmp_path):

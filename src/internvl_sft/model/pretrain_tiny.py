@@ -311,31 +311,39 @@ HELDOUT_OFFSET = 10_000_000  # scene indices of the held-out evaluation; trainin
 def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, seed: int, scenes: int,
                         folder: Path, mix: SceneMix = SceneMix()) -> dict[str, float]:
     """Mean distance (0-1000 scale) between the answered and the true centre of one named thing in each of
-    `scenes` held-out scenes, greedy decoding, against always answering the image centre."""
+    `scenes` held-out scenes, greedy decoding, against always answering the image centre; and, over the scenes
+    with several named things, how often the answer lies nearest the asked one (`picked`; `by_chance` if the
+    answers were a named thing at random)."""
     tokenizer = load_tokenizer(native)
     inputs = InputsConfig(template=sizes.template_name, max_dynamic_patch=sizes.max_dynamic_patch)
     predictor = Predictor(model, tokenizer, inputs, read_sidecar(native), max_new_tokens=16)
     folder.mkdir(parents=True, exist_ok=True)
-    queries, truths = [], []
+    queries, asked, centres = [], [], []
     for index in range(HELDOUT_OFFSET, HELDOUT_OFFSET + scenes):
         scene = render_scene(seed, index, mix)
         label = random.Random(f"tiny-grounding-heldout:{seed}:{index}").choice(sorted(scene.targets))
-        x1, y1, x2, y2 = scene.targets[label]
         width, height = scene.image.size
-        truths.append(((x1 + x2) / 2 * 1000 / width, (y1 + y2) / 2 * 1000 / height))
+        asked.append(label)
+        centres.append({name: ((x1 + x2) / 2 * 1000 / width, (y1 + y2) / 2 * 1000 / height)
+                        for name, (x1, y1, x2, y2) in scene.targets.items()})
         path = folder / f"scene_{index}.png"
         scene.image.save(path)
         queries.append(Query((path,), (("human", f"<image>\n{POINT_QUERY}<ref>{label}</ref>"),)))
     answers = [answer for start in range(0, scenes, 8) for answer in predictor.generate(queries[start:start + 8])]
     model.train()
-    errors, parsed = [], 0
-    for answer, (tx, ty) in zip(answers, truths):
+    errors, centre, parsed, picked, chance = [], [], 0, [], []
+    for answer, label, named in zip(answers, asked, centres):
         point = parse_point(answer)
         parsed += point is not None
-        px, py = point if point is not None else (500.0, 500.0)
-        errors.append(math.dist((px, py), (tx, ty)))
-    centre = [math.dist((500.0, 500.0), truth) for truth in truths]
-    return {"point_error": sum(errors) / scenes, "centre_error": sum(centre) / scenes, "parsed": parsed / scenes}
+        distances = {name: math.dist(point or (500.0, 500.0), where) for name, where in named.items()}
+        errors.append(distances[label])
+        centre.append(math.dist((500.0, 500.0), named[label]))
+        if len(named) > 1:
+            picked.append(min(distances, key=distances.get) == label)
+            chance.append(1 / len(named))
+    crowded = max(len(picked), 1)
+    return {"point_error": sum(errors) / scenes, "centre_error": sum(centre) / scenes, "parsed": parsed / scenes,
+            "crowded": len(picked), "picked": sum(picked) / crowded, "by_chance": sum(chance) / crowded}
 
 
 def parse_point(answer: str) -> tuple[float, float] | None:
@@ -427,7 +435,9 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
             result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout",
                                          settings.mix())
             print(f"step {done}: held-out point error {result['point_error']:.1f} (always the centre: "
-                  f"{result['centre_error']:.1f}; answers parsed {result['parsed']:.0%})", flush=True)
+                  f"{result['centre_error']:.1f}; answers parsed {result['parsed']:.0%}); nearest the asked thing "
+                  f"in {result['picked']:.0%} of {result['crowded']} crowded scenes (by chance "
+                  f"{result['by_chance']:.0%})", flush=True)
     print(f"pre-trained weights written to {out} ({time.time() - start:.0f}s)", flush=True)
 
 
