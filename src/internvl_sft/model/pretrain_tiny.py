@@ -225,26 +225,31 @@ def scene_conversation(scene: Scene, rng: random.Random, turns: int) -> list[tup
 # ---------------------------------------------------------------- training
 
 
+def _option(default, help_text: str):
+    """A settings field that is also a command-line option with this help."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainSettings:
-    seed: int = 0
-    steps: int = 3000
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    turns: int = 3
-    alone_share: float = 0.5    # share of scenes with one thing alone on a plain background
-    max_things: int = 6         # named things in the other scenes: 2 to this many
-    distractors: int = 6        # unnamed shapes in the other scenes: 0 to this many
-    scene_pool: int = 0         # >0: cycle through this many scenes (a fixed training set); 0: a new scene each time
-    alone_steps: int = 0        # the first N steps draw one-thing scenes only (where before which), then the mix
-    log_every: int = 25
-    save_every: int = 250
-    eval_every: int = 500       # held-out point error every N steps (0: only at the end)
-    eval_scenes: int = 40
-    workers: int = 0            # processes drawing batches ahead (0: in the training process)
-    bf16: bool = False          # bf16 autocast on a GPU (fp32 otherwise)
+    seed: int = _option(0, "seed of the random start, the scenes and the questions")
+    steps: int = _option(3000, "optimizer steps; the learning rate decays to 0 at the last")
+    batch_size: int = _option(16, "scenes a step")
+    learning_rate: float = _option(1e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = _option(100, "steps of linear warm-up")
+    weight_decay: float = _option(0.01, "AdamW weight decay")
+    turns: int = _option(3, "questions a scene at most, each about another named thing")
+    alone_share: float = _option(0.5, "share of scenes with one thing alone on a plain background")
+    max_things: int = _option(6, "named things in the other scenes: 2 to this many")
+    distractors: int = _option(6, "unnamed shapes in the other scenes: 0 to this many")
+    scene_pool: int = _option(0, "cycle through this many fixed scenes (0: a new scene every time)")
+    alone_steps: int = _option(0, "the first N steps draw one-thing scenes only, then the mix")
+    log_every: int = _option(25, "print the mean training loss every N steps")
+    save_every: int = _option(250, "write the weights every N steps (and at the end)")
+    eval_every: int = _option(500, "held-out evaluation every N steps (0: only at the end)")
+    eval_scenes: int = _option(40, "held-out scenes of an evaluation")
+    workers: int = _option(0, "processes drawing batches ahead (0: in the training process)")
+    bf16: bool = _option(False, "bf16 autocast on a GPU (fp32 otherwise)")
 
     def mix(self) -> SceneMix:
         return SceneMix(self.alone_share, self.max_things, self.distractors)
@@ -346,6 +351,12 @@ def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, 
             "crowded": len(picked), "picked": sum(picked) / crowded, "by_chance": sum(chance) / crowded}
 
 
+def heldout_summary(result: dict[str, float]) -> str:
+    return (f"held-out point error {result['point_error']:.1f} (always the centre: {result['centre_error']:.1f}; "
+            f"answers parsed {result['parsed']:.0%}); nearest the asked thing in {result['picked']:.0%} of "
+            f"{result['crowded']} crowded scenes (by chance {result['by_chance']:.0%})")
+
+
 def parse_point(answer: str) -> tuple[float, float] | None:
     numbers = re.fullmatch(r"\s*\[\s*(\d+)\s*,\s*(\d+)\s*\]\s*", answer)
     return (float(numbers[1]), float(numbers[2])) if numbers else None
@@ -434,10 +445,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
         if (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps:
             result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout",
                                          settings.mix())
-            print(f"step {done}: held-out point error {result['point_error']:.1f} (always the centre: "
-                  f"{result['centre_error']:.1f}; answers parsed {result['parsed']:.0%}); nearest the asked thing "
-                  f"in {result['picked']:.0%} of {result['crowded']} crowded scenes (by chance "
-                  f"{result['by_chance']:.0%})", flush=True)
+            print(f"step {done}: {heldout_summary(result)}", flush=True)
     print(f"pre-trained weights written to {out} ({time.time() - start:.0f}s)", flush=True)
 
 
@@ -447,11 +455,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = PretrainSettings()
     for field in dataclasses.fields(PretrainSettings):
         default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(f"--{field.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=default)
-        else:
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
+        kind = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"type": type(default)}
+        parser.add_argument(f"--{field.name.replace('_', '-')}", default=default,
+                            help=f"{field.metadata['help']} (default: {default})", **kind)
     parser.add_argument("--init", type=Path, help="go on training these weights (a file this module wrote)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
