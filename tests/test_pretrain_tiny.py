@@ -94,7 +94,7 @@ def test_a_few_pretraining_steps_write_weights_the_builder_loads(tmp_path):
     settings = pt.PretrainSettings(steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=1, log_every=1,
                                    save_every=3)
     pt.pretrain(out, settings, tmp_path / "work", SMALL)
-    build_tiny_checkpoint(tmp_path / "up", corpus=pt.grounded_corpus(), seed=0, sizes=SMALL, weights=out)
+    build_tiny_checkpoint(tmp_path / "up", corpus=ui.GROUNDED_LEXICON, seed=0, sizes=SMALL, weights=out)
 
 
 def test_batches_drawn_by_workers_train_the_same_weights(tmp_path):

@@ -167,6 +167,11 @@ LEXICON: tuple[str, ...] = _unique((
     *SEARCH_TERMS, *"0123456789", "“", "”", "[", "]", "[[", "]]", ",", " ", ", ", " -> ", "->",
 ))
 
+# The questions of the tiny base's grounding pre-training (model/pretrain_tiny.py), upstream style; a base
+# pre-trained that way has its tokenizer trained on the lexicon and these.
+BOX_QUERY, POINT_QUERY = "框出", "指出"
+GROUNDED_LEXICON: tuple[str, ...] = (*LEXICON, BOX_QUERY, POINT_QUERY, "<ref>", "</ref>", "<box>", "</box>")
+
 
 @dataclasses.dataclass(frozen=True)
 class Element:

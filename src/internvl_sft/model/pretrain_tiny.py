@@ -53,14 +53,7 @@ GROUNDED_SIZES = TinySizes(
     vision_hidden=128, vision_layers=2, vision_heads=4, vision_mlp=256,
     llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_mlp=256,
 )
-BOX_QUERY, POINT_QUERY = "框出", "指出"
-GROUNDING_WORDS = (BOX_QUERY, POINT_QUERY, "<ref>", "</ref>", "<box>", "</box>")
 SCENE_SIZES = ui.PORTRAIT_SIZES + ui.OTHER_SIZES
-
-
-def grounded_corpus() -> tuple[str, ...]:
-    """The tokenizer corpus of the pre-trained model: the UI lexicon and the grounding prompts."""
-    return (*ui.LEXICON, *GROUNDING_WORDS)
 
 
 # ---------------------------------------------------------------- scenes
@@ -214,10 +207,10 @@ def scene_conversation(scene: Scene, rng: random.Random, turns: int) -> list[tup
         prefix = "<image>\n" if n == 0 else ""
         if rng.random() >= POINT_SHARE:
             box = [normalised(x1, width), normalised(y1, height), normalised(x2, width), normalised(y2, height)]
-            question, answer = f"{BOX_QUERY}<ref>{label}</ref>", f"<box>[[{', '.join(map(str, box))}]]</box>"
+            question, answer = f"{ui.BOX_QUERY}<ref>{label}</ref>", f"<box>[[{', '.join(map(str, box))}]]</box>"
         else:
             point = normalised((x1 + x2) / 2, width), normalised((y1 + y2) / 2, height)
-            question, answer = f"{POINT_QUERY}<ref>{label}</ref>", f"[{point[0]}, {point[1]}]"
+            question, answer = f"{ui.POINT_QUERY}<ref>{label}</ref>", f"[{point[0]}, {point[1]}]"
         conversation += [("human", prefix + question), ("gpt", answer)]
     return conversation
 
@@ -333,7 +326,7 @@ def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, 
                         for name, (x1, y1, x2, y2) in scene.targets.items()})
         path = folder / f"scene_{index}.png"
         scene.image.save(path)
-        queries.append(Query((path,), (("human", f"<image>\n{POINT_QUERY}<ref>{label}</ref>"),)))
+        queries.append(Query((path,), (("human", f"<image>\n{ui.POINT_QUERY}<ref>{label}</ref>"),)))
     answers = [answer for start in range(0, scenes, 8) for answer in predictor.generate(queries[start:start + 8])]
     model.train()
     errors, centre, parsed, picked, chance = [], [], 0, [], []
@@ -396,7 +389,7 @@ def build_start(folder: Path, seed: int, sizes: TinySizes = GROUNDED_SIZES,
     """The tiny checkpoint (upstream and native folders) that pre-training starts from: random weights, or those
     of `init` (a file this module wrote) to go on training them."""
     upstream, native = folder / "upstream", folder / "native"
-    build_tiny_checkpoint(upstream, corpus=grounded_corpus(), seed=seed, sizes=sizes, weights=init)
+    build_tiny_checkpoint(upstream, corpus=ui.GROUNDED_LEXICON, seed=seed, sizes=sizes, weights=init)
     upstream_to_native(upstream, native)
     return upstream, native
 

@@ -14,10 +14,9 @@ import shutil
 from pathlib import Path
 
 from internvl_sft.config import PretrainedConfig, load_params
-from internvl_sft.data.synthetic import LEXICON
+from internvl_sft.data.synthetic import GROUNDED_LEXICON, LEXICON
 from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import PICKLE_SUFFIXES
-from internvl_sft.model.pretrain_tiny import grounded_corpus
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.paths import atomic_dir
 
@@ -48,7 +47,7 @@ def download_from_hub(cfg: PretrainedConfig, folder: Path) -> None:
 
 def fill_upstream(folder: Path, cfg: PretrainedConfig) -> None:
     if cfg.source == "tiny" and cfg.tiny.weights:
-        build_tiny_checkpoint(folder, corpus=grounded_corpus(), seed=cfg.tiny.seed, sizes=tiny_sizes(cfg),
+        build_tiny_checkpoint(folder, corpus=GROUNDED_LEXICON, seed=cfg.tiny.seed, sizes=tiny_sizes(cfg),
                               weights=Path(cfg.tiny.weights))
     elif cfg.source == "tiny":
         build_tiny_checkpoint(folder, corpus=LEXICON, seed=cfg.tiny.seed, sizes=tiny_sizes(cfg))
