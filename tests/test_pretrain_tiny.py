@@ -87,6 +87,9 @@ def test_weights_of_other_sizes_are_refused_with_the_reason(tmp_path):
         build_tiny_checkpoint(tmp_path / "wide", corpus=ui.LEXICON, seed=0,
                               sizes=TinySizes(vocab_size=400, llm_hidden=128, llm_mlp=256),
                               weights=tmp_path / "small/model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"pretrained.tiny.weights: .*absent.safetensors does not exist"):
+        build_tiny_checkpoint(tmp_path / "none", corpus=ui.LEXICON, seed=0, sizes=SMALL,
+                              weights=tmp_path / "absent.safetensors")
 
 
 def test_a_few_pretraining_steps_write_weights_the_builder_loads(tmp_path):

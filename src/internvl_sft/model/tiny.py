@@ -524,6 +524,8 @@ def llm_vocab(sizes: TinySizes, tokenizer_size: int) -> int:
 
 def checked_weights(path: Path, params: dict[str, Param]) -> dict[str, torch.Tensor]:
     """Weights read from a safetensors file, which must hold exactly `params` in their shapes (as fp32)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained.tiny.weights: {path} does not exist")
     weights = load_file(str(path))
     missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     wrong = [f"{key} {tuple(weights[key].shape)} (expected {param.shape})" for key, param in params.items()

@@ -2,8 +2,8 @@
 
 `tiny` builds the embedded-default model offline: random weights, or the pre-trained ones that
 `pretrained.tiny.weights` names (written by `python -m internvl_sft.model.pretrain_tiny`); `hub` downloads a
-pinned revision with huggingface_hub; `local` uses an upstream-layout folder on disk. The upstream copy is kept (merged models can be exported
-back to that layout); the native copy is what training loads.
+pinned revision with huggingface_hub; `local` uses an upstream-layout folder on disk. The upstream copy is kept
+(merged models can be exported back to that layout); the native copy is what training loads.
 """
 
 from __future__ import annotations
