@@ -38,7 +38,7 @@ from internvl_sft.config import FastConfig, InputsConfig
 from internvl_sft.data import synthetic as ui
 from internvl_sft.data.dataset import TilingSettings, collate
 from internvl_sft.data.template import encode_conversation, get_template
-from internvl_sft.data.tiling import dynamic_tiles, to_pixel_values
+from internvl_sft.data.tiling import to_pixel_values
 from internvl_sft.fast import install_fast_path
 from internvl_sft.infer import Predictor, Query
 from internvl_sft.model.convert import native_to_upstream_state_dict, read_json, upstream_to_native
@@ -271,7 +271,7 @@ class SceneBatches(torch.utils.data.Dataset):
         scene = render_scene(self.seed, index, mix)
         rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
         conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
-        tiles = dynamic_tiles(scene.image, **self.tiling.options_for(1))
+        tiles = self.tiling.tiles(scene.image, 1)
         encoded = encode_conversation(self.tokenizer, self.template, conversation,
                                       [len(tiles) * self.tokens_per_tile])
         return {

@@ -527,11 +527,13 @@ def checked_weights(path: Path, params: dict[str, Param]) -> dict[str, torch.Ten
     if not path.is_file():
         raise FileNotFoundError(f"pretrained.tiny.weights: {path} does not exist")
     weights = load_file(str(path))
-    missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-    wrong = [f"{key} {tuple(weights[key].shape)} (expected {param.shape})" for key, param in params.items()
-             if key in weights and tuple(weights[key].shape) != param.shape]
-    problems = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
-        [f"unexpected {', '.join(extra[:5])}"] if extra else []) + ([f"shape of {', '.join(wrong[:5])}"] if wrong else [])
+    lists = {
+        "missing": sorted(set(params) - set(weights)),
+        "unexpected": sorted(set(weights) - set(params)),
+        "shape of": [f"{key} {tuple(weights[key].shape)} (expected {param.shape})" for key, param in params.items()
+                     if key in weights and tuple(weights[key].shape) != param.shape],
+    }
+    problems = [f"{what} {', '.join(keys[:5])}" for what, keys in lists.items() if keys]
     if problems:
         raise ValueError(f"pretrained.tiny.weights: {path} does not fit the tiny sizes and tokenizer in params: "
                          + "; ".join(problems))

@@ -46,11 +46,10 @@ def download_from_hub(cfg: PretrainedConfig, folder: Path) -> None:
 
 
 def fill_upstream(folder: Path, cfg: PretrainedConfig) -> None:
-    if cfg.source == "tiny" and cfg.tiny.weights:
-        build_tiny_checkpoint(folder, corpus=GROUNDED_LEXICON, seed=cfg.tiny.seed, sizes=tiny_sizes(cfg),
-                              weights=Path(cfg.tiny.weights))
-    elif cfg.source == "tiny":
-        build_tiny_checkpoint(folder, corpus=LEXICON, seed=cfg.tiny.seed, sizes=tiny_sizes(cfg))
+    if cfg.source == "tiny":
+        weights = Path(cfg.tiny.weights) if cfg.tiny.weights else None
+        build_tiny_checkpoint(folder, corpus=LEXICON if weights is None else GROUNDED_LEXICON, seed=cfg.tiny.seed,
+                              sizes=tiny_sizes(cfg), weights=weights)
     elif cfg.source == "hub":
         download_from_hub(cfg, folder)
     else:
