@@ -198,3 +198,49 @@ def test_training_can_go_on_from_written_weights(tmp_path):
     assert written.keys() == start.keys() and all(torch.equal(written[k], start[k]) for k in written)
     random_start = load_file(str(pt.build_start(tmp_path / "c", 0, SMALL)[0] / "model.safetensors"))
     assert not all(torch.equal(written[k], random_start[k]) for k in written)
+
+
+def test_screen_scenes_are_ui_screens_of_their_own_split_with_every_element_named():
+    screens = pt.SceneMix(screen_share=1.0)
+    dataset = {ui.render_screen(0, split, index)[0].image.tobytes() for split in ("train", "val") for index in range(20)}
+    for index in range(20):
+        scene = pt.render_scene(0, index, screens)
+        screen, _ = ui.render_screen(0, pt.PRETRAIN_SPLIT, index)
+        assert scene.image.tobytes() == screen.image.tobytes() and scene.image.tobytes() not in dataset
+        assert sorted(scene.targets.values()) == sorted(element.box for element in screen.elements.values())
+    assert pt.screen_label("app:微信") == "微信" and pt.screen_label("search_box") == ui.SEARCH_BOX
+    half = [pt.render_scene(0, index, pt.SceneMix(screen_share=0.5)).image.tobytes() for index in range(40)]
+    from_screens = sum(image == pt.render_scene(0, index, screens).image.tobytes() for index, image in enumerate(half))
+    assert 10 <= from_screens <= 30
+
+
+def test_plain_questions_name_the_thing_among_neutral_words_only():
+    rng = random.Random(0)
+    names = {thing.label for thing in pt.THINGS}
+    neutral = re.compile(f"(?:{'|'.join(map(re.escape, pt.NEUTRAL_WORDS))})*")
+    plain = 0
+    for index in range(30):
+        scene = pt.render_scene(0, index, pt.SceneMix(screen_share=0.5))
+        conversation = pt.scene_conversation(scene, rng, 3, plain_share=1.0)
+        for question, answer in zip(conversation[::2], conversation[1::2]):
+            text = question[1].removeprefix("<image>\n")[len(ui.POINT_QUERY):]
+            assert "<ref>" not in text
+            named = [label for label in scene.targets if label in text]
+            assert len(named) == 1, text
+            before, _, after = text.partition(named[0])
+            assert all(neutral.fullmatch(part) for part in (before, after)), text
+            assert not any(name in before + after for name in names)
+            plain += text != named[0]
+    assert plain > 10
+    assert pt.scene_conversation(pt.render_scene(0, 1), random.Random(3), 3) == pt.scene_conversation(
+        pt.render_scene(0, 1), random.Random(3), 3, plain_share=0.0)
+
+
+def test_a_run_stopped_early_keeps_the_schedule_of_all_its_steps(tmp_path, capsys):
+    settings = pt.PretrainSettings(steps=8, stop_after=2, batch_size=2, warmup_steps=1, log_every=1,
+                                   save_every=100, eval_scenes=1)
+    pt.pretrain(tmp_path / "w.safetensors", settings, tmp_path / "a", SMALL)
+    logged = capsys.readouterr().out
+    assert "step 2/8" in logged and "step 3/8" not in logged and (tmp_path / "w.safetensors").exists()
+    rate = float(re.search(r"step 2/8 loss \S+ lr (\S+)", logged)[1])
+    assert rate == pytest.approx(settings.learning_rate * pt.learning_rate_factor(2, settings), rel=1e-2) and rate > 0

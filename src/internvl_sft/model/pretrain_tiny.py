@@ -6,10 +6,13 @@ cannot teach it. This module gives the toy model the same starting point: it bui
 (`model/tiny.py`) at a size that can learn localisation, then trains every weight on its own grounding
 data, upstream style (`<ref>label</ref>` -> `<box>[[x1, y1, x2, y2]]</box>`, coordinates in 0-1000).
 
-The grounding data are scenes of scattered shapes on plain or gradient backgrounds, drawn from a generator of
-their own (no screen of `data/synthetic.py` is used): the named things are the lexicon's apps, navigation
-tabs, list labels, search box and search button, each with a look of its own, among unnamed distractors.
-The answers never use the UI-task formats (`操作：…\\n参数：…`), so the base model scores nothing on them.
+The grounding data are of two kinds. Scenes of scattered shapes on plain or gradient backgrounds, drawn by a
+generator of their own: the named things are the lexicon's apps, navigation tabs, list labels, search box and
+search button, each with a look of its own, among unnamed distractors. And whole UI screens of
+`data/synthetic.py` from a split of their own (`pretrain`, never the dataset's train or val screens) with every
+element named, standing in for the screenshots a real base has seen before its fine-tuning. A question names its thing upstream
+style, or (`--plain-share`) bare among neutral words, so that the name is found wherever it stands.
+The answers never use the UI-task formats (`操作：…\n参数：…`), so the base model scores nothing on them.
 
     python -m internvl_sft.model.pretrain_tiny --out src/internvl_sft/model/assets/tiny_grounded.safetensors
 
@@ -157,17 +160,37 @@ class Scene:
 
 @dataclasses.dataclass(frozen=True)
 class SceneMix:
-    """What the scenes hold: with probability `alone_share` one named thing alone on a plain background (where a
-    thing is can be learned from these before which thing is which), else two to `max_things` named things and
-    up to `distractors` unnamed shapes."""
+    """What the scenes hold: with probability `screen_share` a whole UI screen of `data/synthetic.py` from a
+    split of its own (`PRETRAIN_SPLIT`, never the dataset's train or val screens), its elements named; else with
+    probability `alone_share` one named thing alone on a plain background (where a thing is can be learned from
+    these before which thing is which), else two to `max_things` named things and up to `distractors` unnamed
+    shapes."""
 
     alone_share: float = 0.5
     max_things: int = 6
     distractors: int = 6
+    screen_share: float = 0.0
+
+
+PRETRAIN_SPLIT = "pretrain"  # the UI screens of the pre-training; the dataset's splits are "train" and "val"
+
+
+def screen_label(key: str) -> str:
+    """The name a UI screen's element goes by in a grounding question (`app:微信` -> `微信`)."""
+    kind, _, name = key.partition(":")
+    return name or {"search_box": ui.SEARCH_BOX, "search_button": ui.SEARCH_BUTTON,
+                    "first_result": ui.FIRST_RESULT}[kind]
+
+
+def render_screen_scene(seed: int, index: int) -> Scene:
+    screen, _ = ui.render_screen(seed, PRETRAIN_SPLIT, index)
+    return Scene(screen.image, {screen_label(key): element.box for key, element in screen.elements.items()})
 
 
 def render_scene(seed: int, index: int, mix: SceneMix = SceneMix()) -> Scene:
     """Scene `index` of the scenes `mix` describes."""
+    if mix.screen_share and random.Random(f"tiny-grounding-screen:{seed}:{index}").random() < mix.screen_share:
+        return render_screen_scene(seed, index)
     rng = random.Random(f"tiny-grounding:{seed}:{index}")
     width, height = rng.choice(SCENE_SIZES)
     alone = rng.random() < mix.alone_share
@@ -197,7 +220,28 @@ def normalised(value: float, extent: int) -> int:
     return round(1000 * value / extent)
 
 
-def scene_conversation(scene: Scene, rng: random.Random, turns: int) -> list[tuple[str, str]]:
+def neutral_words() -> tuple[str, ...]:
+    """Lexicon words that name no thing (search terms, quotes, commas): what a plain question wraps a name in."""
+    names = [thing.label for thing in THINGS] + [ui.FIRST_RESULT]
+    return tuple(word for word in (*ui.SEARCH_TERMS, "“", "”", "，", " ")
+                 if not any(name in word for name in names))
+
+
+NEUTRAL_WORDS = neutral_words()
+
+
+def referring_phrase(label: str, rng: random.Random, plain_share: float) -> str:
+    """`<ref>label</ref>` (upstream), or with probability `plain_share` the bare name among up to two neutral
+    words either side, so that the name is found wherever it stands in a question."""
+    if not (plain_share and rng.random() < plain_share):
+        return f"<ref>{label}</ref>"
+    before = "".join(rng.choices(NEUTRAL_WORDS, k=rng.randint(0, 2)))
+    after = "".join(rng.choices(NEUTRAL_WORDS, k=rng.randint(0, 2)))
+    return f"{before}{label}{after}"
+
+
+def scene_conversation(scene: Scene, rng: random.Random, turns: int,
+                       plain_share: float = 0.0) -> list[tuple[str, str]]:
     """Up to `turns` questions about distinct things; the first carries the image placeholder."""
     width, height = scene.image.size
     conversation: list[tuple[str, str]] = []
@@ -205,12 +249,13 @@ def scene_conversation(scene: Scene, rng: random.Random, turns: int) -> list[tup
     for n, label in enumerate(labels):
         x1, y1, x2, y2 = scene.targets[label]
         prefix = "<image>\n" if n == 0 else ""
+        phrase = referring_phrase(label, rng, plain_share)
         if rng.random() >= POINT_SHARE:
             box = [normalised(x1, width), normalised(y1, height), normalised(x2, width), normalised(y2, height)]
-            question, answer = f"{ui.BOX_QUERY}<ref>{label}</ref>", f"<box>[[{', '.join(map(str, box))}]]</box>"
+            question, answer = f"{ui.BOX_QUERY}{phrase}", f"<box>[[{', '.join(map(str, box))}]]</box>"
         else:
             point = normalised((x1 + x2) / 2, width), normalised((y1 + y2) / 2, height)
-            question, answer = f"{ui.POINT_QUERY}<ref>{label}</ref>", f"[{point[0]}, {point[1]}]"
+            question, answer = f"{ui.POINT_QUERY}{phrase}", f"[{point[0]}, {point[1]}]"
         conversation += [("human", prefix + question), ("gpt", answer)]
     return conversation
 
@@ -227,6 +272,7 @@ def _option(default, help_text: str):
 class PretrainSettings:
     seed: int = _option(0, "seed of the random start, the scenes and the questions")
     steps: int = _option(3000, "optimizer steps; the learning rate decays to 0 at the last")
+    stop_after: int = _option(0, "end after this many steps, the schedule still that of --steps (0: at --steps)")
     batch_size: int = _option(16, "scenes a step")
     learning_rate: float = _option(1e-3, "peak learning rate (AdamW)")
     warmup_steps: int = _option(100, "steps of linear warm-up")
@@ -235,6 +281,9 @@ class PretrainSettings:
     alone_share: float = _option(0.5, "share of scenes with one thing alone on a plain background")
     max_things: int = _option(6, "named things in the other scenes: 2 to this many")
     distractors: int = _option(6, "unnamed shapes in the other scenes: 0 to this many")
+    screen_share: float = _option(0.0, "share of scenes that are whole synthetic UI screens (of a split of their "
+                                       "own, never the dataset's), every element named")
+    plain_share: float = _option(0.0, "share of questions naming the thing without <ref> tags, among neutral words")
     scene_pool: int = _option(0, "cycle through this many fixed scenes (0: a new scene every time)")
     alone_steps: int = _option(0, "the first N steps draw one-thing scenes only, then the mix")
     log_every: int = _option(25, "print the mean training loss every N steps")
@@ -245,7 +294,7 @@ class PretrainSettings:
     bf16: bool = _option(False, "bf16 autocast on a GPU (fp32 otherwise)")
 
     def mix(self) -> SceneMix:
-        return SceneMix(self.alone_share, self.max_things, self.distractors)
+        return SceneMix(self.alone_share, self.max_things, self.distractors, self.screen_share)
 
 
 class SceneBatches(torch.utils.data.Dataset):
@@ -254,7 +303,8 @@ class SceneBatches(torch.utils.data.Dataset):
     scenes only, the later ones scenes of `mix`."""
 
     def __init__(self, tokenizer, template_name: str, tile_size: int, tokens_per_tile: int, max_tiles: int,
-                 seed: int, turns: int, mix: SceneMix, scene_pool: int = 0, alone_steps: int = 0):
+                 seed: int, turns: int, mix: SceneMix, scene_pool: int = 0, alone_steps: int = 0,
+                 plain_share: float = 0.0):
         self.tokenizer = tokenizer
         self.template = get_template(template_name)
         self.tiling = TilingSettings(tile_size=tile_size, max_dynamic_patch=max_tiles)
@@ -264,13 +314,14 @@ class SceneBatches(torch.utils.data.Dataset):
         self.mix = mix
         self.scene_pool = scene_pool
         self.alone_steps = alone_steps
+        self.plain_share = plain_share
 
     def item(self, index: int, mix: SceneMix) -> dict:
         if self.scene_pool:
             index %= self.scene_pool
         scene = render_scene(self.seed, index, mix)
         rng = random.Random(f"tiny-grounding-questions:{self.seed}:{index}")
-        conversation = scene_conversation(scene, rng, rng.randint(1, self.turns))
+        conversation = scene_conversation(scene, rng, rng.randint(1, self.turns), self.plain_share)
         tiles = self.tiling.tiles(scene.image, 1)
         encoded = encode_conversation(self.tokenizer, self.template, conversation,
                                       [len(tiles) * self.tokens_per_tile])
@@ -408,7 +459,7 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     tokens_per_tile = int((sizes.patches_per_side * sizes.downsample_ratio) ** 2)
     batches = SceneBatches(tokenizer, sizes.template_name, sizes.image_size, tokens_per_tile,
                            sizes.max_dynamic_patch, settings.seed, settings.turns, settings.mix(),
-                           settings.scene_pool, settings.alone_steps)
+                           settings.scene_pool, settings.alone_steps, settings.plain_share)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     model.config.text_config.use_cache = False
@@ -417,7 +468,8 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, settings))
     start, recent = time.time(), []
-    loader = batches.loader(settings.steps, settings.batch_size, settings.workers, device.type == "cuda")
+    last = settings.stop_after or settings.steps
+    loader = batches.loader(last, settings.batch_size, settings.workers, device.type == "cuda")
     for step, batch in enumerate(loader):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16 and device.type == "cuda"):
@@ -433,9 +485,9 @@ def pretrain(out: Path, settings: PretrainSettings, work: Path, sizes: TinySizes
             print(f"step {done}/{settings.steps} loss {sum(recent) / len(recent):.4f} "
                   f"lr {schedule.get_last_lr()[0]:.2e} {time.time() - start:.0f}s", flush=True)
             recent = []
-        if done % settings.save_every == 0 or done == settings.steps:
+        if done % settings.save_every == 0 or done == last:
             save_upstream_weights(model, llm_config, out)
-        if (settings.eval_every and done % settings.eval_every == 0) or done == settings.steps:
+        if (settings.eval_every and done % settings.eval_every == 0) or done == last:
             result = heldout_point_error(model, native, sizes, settings.seed, settings.eval_scenes, work / "heldout",
                                          settings.mix())
             print(f"step {done}: {heldout_summary(result)}", flush=True)
