@@ -55,7 +55,7 @@ test: $(STAMP) ## run the test suite (CPU; GPU tests are opt-in: pytest -m gpu)
 tensorboard: $(STAMP) ## serve the training logs on localhost (PORT=10097)
 	tensorboard --logdir work_dirs/tensorboard --host 127.0.0.1 --port $(PORT)
 
-exp: $(STAMP) ## run a variant: make exp SET='train.learning_rate=1e-3'
+exp: $(STAMP) ## run a variant: make exp SET='train.learning_rate=5e-4'
 	dvc exp run $(foreach s,$(SET),-S $(s))
 	dvc exp show --no-pager
 

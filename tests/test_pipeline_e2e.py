@@ -84,7 +84,6 @@ def test_finetuned_model_learned_the_actions(project):
     assert metrics["finetuned"]["eval_loss"] < 0.5 * metrics["base"]["eval_loss"]
 
 
-@pytest.mark.xfail(strict=True, reason="the tiny model does not yet localise targets better than the mean point")
 def test_finetuned_model_localises_targets(project):
     dest, _ = project
     metrics = load_metrics(dest)
