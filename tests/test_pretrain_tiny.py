@@ -202,7 +202,8 @@ def test_training_can_go_on_from_written_weights(tmp_path):
 
 def test_screen_scenes_are_ui_screens_of_their_own_split_with_every_element_named():
     screens = pt.SceneMix(screen_share=1.0)
-    dataset = {ui.render_screen(0, split, index)[0].image.tobytes() for split in ("train", "val") for index in range(20)}
+    dataset = {ui.render_screen(0, split, index)[0].image.tobytes()
+               for split in ("train", "val") for index in range(20)}
     for index in range(20):
         scene = pt.render_scene(0, index, screens)
         screen, _ = ui.render_screen(0, pt.PRETRAIN_SPLIT, index)

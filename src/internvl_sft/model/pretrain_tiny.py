@@ -10,15 +10,16 @@ The grounding data are of two kinds. Scenes of scattered shapes on plain or grad
 generator of their own: the named things are the lexicon's apps, navigation tabs, list labels, search box and
 search button, each with a look of its own, among unnamed distractors. And whole UI screens of
 `data/synthetic.py` from a split of their own (`pretrain`, never the dataset's train or val screens) with every
-element named, standing in for the screenshots a real base has seen before its fine-tuning. A question names its thing upstream
-style, or (`--plain-share`) bare among neutral words, so that the name is found wherever it stands.
-The answers never use the UI-task formats (`操作：…\n参数：…`), so the base model scores nothing on them.
+element named, standing in for the screenshots a real base has seen before its fine-tuning. A question names
+its thing upstream style, or (`--plain-share`) bare among neutral words, so that the name is found wherever it
+stands. The answers never use the UI-task formats (`操作：…\\n参数：…`), so the base model scores nothing on them.
 
     python -m internvl_sft.model.pretrain_tiny --out src/internvl_sft/model/assets/tiny_grounded.safetensors
 
 writes the pre-trained weights (upstream key names, fp32) that the `pretrained` stage loads when
 `pretrained.tiny.weights` names them; a run is deterministic for a given seed, step count and thread count
 (on a CPU; on a GPU up to its kernels), whatever the number of `--workers` drawing the batches.
+`shell/pretrain_tiny_base.sh` chains the runs that made the committed file.
 """
 
 from __future__ import annotations
