@@ -4,15 +4,22 @@
 # weights (32 scenes a step, fp32). About 50 minutes on one H200 GPU (12-20 steps a second); the CPU runs 1 step
 # in about 0.9 s. GPU kernels are not bit-exact, so a rebuild matches the committed file in its metrics, not bytes.
 # Usage: shell/pretrain_tiny_base.sh [OUT_DIR]   (default work_dirs/pretrain_tiny; the last file is base.safetensors)
+# DRY_RUN=1 prints the seven commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-work_dirs/pretrain_tiny}
-mkdir -p "$OUT"
+[[ -n ${DRY_RUN:-} ]] || mkdir -p "$OUT"
 
 step() {  # name, init ("" for a random start), options
   local name=$1 init=$2; shift 2
-  python -m internvl_sft.model.pretrain_tiny --out "$OUT/$name.safetensors" ${init:+--init "$OUT/$init.safetensors"} \
-    --batch-size 32 --workers 4 --eval-every 1000 --eval-scenes 64 "$@" 2>&1 | tee "$OUT/$name.log"
+  local command=(python -m internvl_sft.model.pretrain_tiny --out "$OUT/$name.safetensors"
+                 ${init:+--init "$OUT/$init.safetensors"} --batch-size 32 --workers 4 --eval-every 1000
+                 --eval-scenes 64 "$@")
+  if [[ -n ${DRY_RUN:-} ]]; then
+    echo "${command[*]}"
+  else
+    "${command[@]}" 2>&1 | tee "$OUT/$name.log"
+  fi
 }
 
 # where a thing is: one thing alone on a plain background, then half the scenes crowded

@@ -1,8 +1,12 @@
 """The pre-training of the embedded-default base: its grounding scenes, its training, its held-out metrics, given weights."""
 
 import dataclasses
+import os
 import random
 import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from internvl_sft.model import pretrain_tiny as pt
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.model.load import load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = TinySizes(vocab_size=400)
 
 
@@ -245,3 +250,18 @@ def test_a_run_stopped_early_keeps_the_schedule_of_all_its_steps(tmp_path, capsy
     assert "step 2/8" in logged and "step 3/8" not in logged and (tmp_path / "w.safetensors").exists()
     rate = float(re.search(r"step 2/8 loss \S+ lr (\S+)", logged)[1])
     assert rate == pytest.approx(settings.learning_rate * pt.learning_rate_factor(2, settings), rel=1e-2) and rate > 0
+
+
+def test_the_base_rebuild_script_chains_seven_valid_runs(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1"}
+    result = subprocess.run(["bash", str(ROOT / "shell/pretrain_tiny_base.sh"), str(tmp_path)], env=env,
+                            capture_output=True, text=True, check=True)
+    runs = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert len(runs) == 7 and not any(tmp_path.iterdir())
+    previous = None
+    for words in runs:
+        assert words[:3] == ["python", "-m", "internvl_sft.model.pretrain_tiny"]
+        args = pt.parse_args(words[3:])
+        assert args.init == previous and Path(args.out).parent == tmp_path
+        previous = Path(args.out)
+    assert previous.name == "base.safetensors" and args.plain_share == 0.5 and args.screen_share == 1.0
