@@ -169,7 +169,7 @@ class _Answers:
     def generate(self, queries):
         answers = []
         for query in queries:
-            index = int(query.images[0].stem.removeprefix("scene_"))
+            index = pt.HELDOUT_OFFSET + int(query.images[0].stem.removeprefix("picture_"))
             label = re.search("<ref>(.+)</ref>", query.conversations[0][1])[1]
             scene = pt.render_scene(0, index, CROWDED)
             x1, y1, x2, y2 = scene.targets[label]

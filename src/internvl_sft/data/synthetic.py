@@ -689,7 +689,7 @@ def _keys(screen: Screen, prefix: str) -> list[str]:
     return [key for key in screen.elements if key.startswith(prefix)]
 
 
-def _target_phrase(key: str) -> str:
+def target_phrase(key: str) -> str:
     kind, _, name = key.partition(":")
     if kind == "app":
         return app_icon_phrase(name)
@@ -701,7 +701,7 @@ def _target_phrase(key: str) -> str:
 
 
 def _actor(screen: Screen, action: str, key: str) -> Sample:
-    prompt = f"{PROMPT_PREFIX}{ACTOR_TASK}{action}{_target_phrase(key)}"
+    prompt = f"{PROMPT_PREFIX}{ACTOR_TASK}{action}{target_phrase(key)}"
     return Sample("actor", prompt, _element_answer(screen, action, key), key)
 
 
@@ -736,7 +736,7 @@ def _actor_categories(screen: Screen) -> dict[str, tuple[float, list[Sample]]]:
 
 def _grounding_categories(screen: Screen) -> dict[str, tuple[float, list[Sample]]]:
     def locate(prefix: str) -> list[Sample]:
-        return [Sample("grounding", f"{PROMPT_PREFIX}{GROUNDING_TASK}{_target_phrase(key)}", _box_answer(screen, key),
+        return [Sample("grounding", f"{PROMPT_PREFIX}{GROUNDING_TASK}{target_phrase(key)}", _box_answer(screen, key),
                        key) for key in _keys(screen, prefix)]
 
     return {"app": (1.0, locate("app:")), "box": (1.0, locate("search_box")),

@@ -358,42 +358,71 @@ class _Steps(torch.utils.data.Dataset):
 HELDOUT_OFFSET = 10_000_000  # scene indices of the held-out evaluation; training never reaches them
 
 
-def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, seed: int, scenes: int,
-                        folder: Path, mix: SceneMix = SceneMix()) -> dict[str, float]:
-    """Mean distance (0-1000 scale) between the answered and the true centre of one named thing in each of
-    `scenes` held-out scenes, greedy decoding, against always answering the image centre; and, over the scenes
-    with several named things, how often the answer lies nearest the asked one (`picked`; `by_chance` if the
-    answers were a named thing at random)."""
+@dataclasses.dataclass(frozen=True)
+class PointQuestion:
+    """`question` about the named thing `asked` in `image`; `centres` holds every named thing's centre (0-1000)."""
+
+    image: Image.Image
+    question: str
+    asked: str
+    centres: dict[str, tuple[float, float]]
+
+
+def centres_of(targets: dict[str, Box], size: tuple[int, int]) -> dict[str, tuple[float, float]]:
+    width, height = size
+    return {name: ((x1 + x2) / 2 * 1000 / width, (y1 + y2) / 2 * 1000 / height)
+            for name, (x1, y1, x2, y2) in targets.items()}
+
+
+def ask_points(model: torch.nn.Module, native: Path, sizes: TinySizes, questions: Sequence[PointQuestion],
+               folder: Path) -> list[str]:
+    """Greedy answers to `questions` (their pictures written to `folder`); the model is handed back in training
+    mode."""
     tokenizer = load_tokenizer(native)
     inputs = InputsConfig(template=sizes.template_name, max_dynamic_patch=sizes.max_dynamic_patch)
     predictor = Predictor(model, tokenizer, inputs, read_sidecar(native), max_new_tokens=16)
     folder.mkdir(parents=True, exist_ok=True)
-    queries, asked, centres = [], [], []
+    queries = []
+    for number, question in enumerate(questions):
+        path = folder / f"picture_{number}.png"
+        question.image.save(path)
+        queries.append(Query((path,), (("human", f"<image>\n{question.question}"),)))
+    answers = [answer for start in range(0, len(queries), 8) for answer in predictor.generate(queries[start:start + 8])]
+    model.train()
+    return answers
+
+
+def score_points(answers: Sequence[str], questions: Sequence[PointQuestion]) -> dict[str, float]:
+    """The mean distance (0-1000 scale) between the answered and the asked thing's centre, against always
+    answering the image centre; the share of answers that parse as a point; and, over the questions with several
+    named things, how often the answer lies nearest the asked one (`picked`; `by_chance` if the answers were a
+    named thing at random)."""
+    errors, centre, parsed, picked, chance = [], [], 0, [], []
+    for answer, question in zip(answers, questions, strict=True):
+        point = parse_point(answer)
+        parsed += point is not None
+        distances = {name: math.dist(point or (500.0, 500.0), where) for name, where in question.centres.items()}
+        errors.append(distances[question.asked])
+        centre.append(math.dist((500.0, 500.0), question.centres[question.asked]))
+        if len(question.centres) > 1:
+            picked.append(min(distances, key=distances.get) == question.asked)
+            chance.append(1 / len(question.centres))
+    count, crowded = len(questions), max(len(picked), 1)
+    return {"questions": count, "point_error": sum(errors) / count, "centre_error": sum(centre) / count,
+            "parsed": parsed / count, "crowded": len(picked), "picked": sum(picked) / crowded,
+            "by_chance": sum(chance) / crowded}
+
+
+def heldout_point_error(model: torch.nn.Module, native: Path, sizes: TinySizes, seed: int, scenes: int,
+                        folder: Path, mix: SceneMix = SceneMix()) -> dict[str, float]:
+    """`score_points` of `指出<ref>…</ref>` about one named thing in each of `scenes` held-out scenes of `mix`."""
+    questions = []
     for index in range(HELDOUT_OFFSET, HELDOUT_OFFSET + scenes):
         scene = render_scene(seed, index, mix)
         label = random.Random(f"tiny-grounding-heldout:{seed}:{index}").choice(sorted(scene.targets))
-        width, height = scene.image.size
-        asked.append(label)
-        centres.append({name: ((x1 + x2) / 2 * 1000 / width, (y1 + y2) / 2 * 1000 / height)
-                        for name, (x1, y1, x2, y2) in scene.targets.items()})
-        path = folder / f"scene_{index}.png"
-        scene.image.save(path)
-        queries.append(Query((path,), (("human", f"<image>\n{ui.POINT_QUERY}<ref>{label}</ref>"),)))
-    answers = [answer for start in range(0, scenes, 8) for answer in predictor.generate(queries[start:start + 8])]
-    model.train()
-    errors, centre, parsed, picked, chance = [], [], 0, [], []
-    for answer, label, named in zip(answers, asked, centres):
-        point = parse_point(answer)
-        parsed += point is not None
-        distances = {name: math.dist(point or (500.0, 500.0), where) for name, where in named.items()}
-        errors.append(distances[label])
-        centre.append(math.dist((500.0, 500.0), named[label]))
-        if len(named) > 1:
-            picked.append(min(distances, key=distances.get) == label)
-            chance.append(1 / len(named))
-    crowded = max(len(picked), 1)
-    return {"point_error": sum(errors) / scenes, "centre_error": sum(centre) / scenes, "parsed": parsed / scenes,
-            "crowded": len(picked), "picked": sum(picked) / crowded, "by_chance": sum(chance) / crowded}
+        questions.append(PointQuestion(scene.image, f"{ui.POINT_QUERY}<ref>{label}</ref>", label,
+                                       centres_of(scene.targets, scene.image.size)))
+    return score_points(ask_points(model, native, sizes, questions, folder), questions)
 
 
 def heldout_summary(result: dict[str, float]) -> str:
