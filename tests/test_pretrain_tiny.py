@@ -214,7 +214,7 @@ def test_screen_scenes_are_ui_screens_of_their_own_split_with_every_element_name
         screen, _ = ui.render_screen(0, pt.PRETRAIN_SPLIT, index)
         assert scene.image.tobytes() == screen.image.tobytes() and scene.image.tobytes() not in dataset
         assert sorted(scene.targets.values()) == sorted(element.box for element in screen.elements.values())
-    assert pt.screen_label("app:微信") == "微信" and pt.screen_label("search_box") == ui.SEARCH_BOX
+    assert ui.element_name("app:微信") == "微信" and ui.element_name("search_box") == ui.SEARCH_BOX
     half = [pt.render_scene(0, index, pt.SceneMix(screen_share=0.5)).image.tobytes() for index in range(40)]
     from_screens = sum(image == pt.render_scene(0, index, screens).image.tobytes() for index, image in enumerate(half))
     assert 10 <= from_screens <= 30

@@ -689,15 +689,17 @@ def _keys(screen: Screen, prefix: str) -> list[str]:
     return [key for key in screen.elements if key.startswith(prefix)]
 
 
-def target_phrase(key: str) -> str:
+def element_name(key: str) -> str:
+    """What an element is called: `app:微信` -> `微信`, `search_box` -> `搜索框`."""
     kind, _, name = key.partition(":")
-    if kind == "app":
-        return app_icon_phrase(name)
-    if kind == "nav":
-        return nav_tab_phrase(name)
-    if kind == "row":
-        return row_phrase(name)
-    return {"search_box": SEARCH_BOX, "search_button": SEARCH_BUTTON, "first_result": FIRST_RESULT}[key]
+    return name or {"search_box": SEARCH_BOX, "search_button": SEARCH_BUTTON, "first_result": FIRST_RESULT}[kind]
+
+
+def target_phrase(key: str) -> str:
+    """How a task names an element: `app:微信` -> `微信app图标`, `search_box` -> `搜索框`."""
+    kind, _, name = key.partition(":")
+    phrases = {"app": app_icon_phrase, "nav": nav_tab_phrase, "row": row_phrase}
+    return phrases[kind](name) if kind in phrases else element_name(key)
 
 
 def _actor(screen: Screen, action: str, key: str) -> Sample:

@@ -176,16 +176,9 @@ class SceneMix:
 PRETRAIN_SPLIT = "pretrain"  # the UI screens of the pre-training; the dataset's splits are "train" and "val"
 
 
-def screen_label(key: str) -> str:
-    """The name a UI screen's element goes by in a grounding question (`app:微信` -> `微信`)."""
-    kind, _, name = key.partition(":")
-    return name or {"search_box": ui.SEARCH_BOX, "search_button": ui.SEARCH_BUTTON,
-                    "first_result": ui.FIRST_RESULT}[kind]
-
-
 def render_screen_scene(seed: int, index: int) -> Scene:
     screen, _ = ui.render_screen(seed, PRETRAIN_SPLIT, index)
-    return Scene(screen.image, {screen_label(key): element.box for key, element in screen.elements.items()})
+    return Scene(screen.image, {ui.element_name(key): element.box for key, element in screen.elements.items()})
 
 
 def render_scene(seed: int, index: int, mix: SceneMix = SceneMix()) -> Scene:
@@ -382,11 +375,13 @@ def ask_points(model: torch.nn.Module, native: Path, sizes: TinySizes, questions
     inputs = InputsConfig(template=sizes.template_name, max_dynamic_patch=sizes.max_dynamic_patch)
     predictor = Predictor(model, tokenizer, inputs, read_sidecar(native), max_new_tokens=16)
     folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[int, Path] = {}  # several questions may ask about one picture: it is written once
     queries = []
-    for number, question in enumerate(questions):
-        path = folder / f"picture_{number}.png"
-        question.image.save(path)
-        queries.append(Query((path,), (("human", f"<image>\n{question.question}"),)))
+    for question in questions:
+        if id(question.image) not in paths:
+            paths[id(question.image)] = folder / f"picture_{len(paths)}.png"
+            question.image.save(paths[id(question.image)])
+        queries.append(Query((paths[id(question.image)],), (("human", f"<image>\n{question.question}"),)))
     answers = [answer for start in range(0, len(queries), 8) for answer in predictor.generate(queries[start:start + 8])]
     model.train()
     return answers

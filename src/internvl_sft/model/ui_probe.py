@@ -25,7 +25,7 @@ PHRASINGS = ("ref", "plain", "task")
 
 
 def element_phrase(key: str, phrasing: str) -> str:
-    label = pt.screen_label(key)
+    label = ui.element_name(key)
     return {"ref": f"<ref>{label}</ref>", "plain": label, "task": ui.target_phrase(key)}[phrasing]
 
 
