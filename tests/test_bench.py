@@ -12,6 +12,7 @@ from transformers import AutoConfig
 
 from internvl_sft.bench import (
     BatchShape,
+    ClippedAdamW,
     FlopCounts,
     grouped,
     loss_check,
@@ -142,6 +143,34 @@ def test_fast_mode_trains_several_reference_batches_a_step(tmp_path):
     report = run(args)
     assert report["modes"]["reference"]["batch_size"] == 2 and report["modes"]["fast"]["batch_size"] == 4
     assert report["first_batch_loss"]["equal"]
+
+
+def test_master_weights_add_up_updates_below_the_dtypes_precision():
+    """At 1.0 bf16 steps by 2**-8 or more: AdamW's 1e-3 steps vanish in the parameter itself, not in fp32 copies."""
+    def trained(master_weights: bool) -> tuple[torch.Tensor, ClippedAdamW]:
+        param = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        optimizer = ClippedAdamW([param], max_grad_norm=1.0, master_weights=master_weights, lr=1e-3,
+                                 weight_decay=0.0)
+        for _ in range(20):
+            param.grad = torch.full_like(param, 0.5)
+            optimizer.step()
+        return param, optimizer
+
+    plain, _ = trained(master_weights=False)
+    assert torch.equal(plain, torch.ones(4, dtype=torch.bfloat16))
+    param, optimizer = trained(master_weights=True)
+    master = optimizer.targets[0]
+    assert master.dtype == torch.float32 and master == pytest.approx(torch.full((4,), 0.98), abs=1e-4)
+    assert torch.equal(param.detach(), master.to(torch.bfloat16)) and param.grad is None and master.grad is None
+
+
+def test_deepspeed_recipe_trains_bf16_weights_without_autocast(tmp_path):
+    args = parse_args(["--size", "tiny", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--tiles", "2",
+                       "--precision", "bf16", "--params", str(ROOT / "params.yaml"),
+                       "--preset", str(ROOT / "presets/internvl2-1b-random.yaml"), "--build-dir", str(tmp_path)])
+    report = run(args)
+    assert {mode["precision"] for mode in report["modes"].values()} == {"fp32 master weights"}
+    assert report["first_batch_loss"]["equal"] and report["environment"]["dtype"] == "bfloat16"
 
 
 def test_fast_batch_size_must_be_a_multiple_of_the_batch_size(tmp_path):

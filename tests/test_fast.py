@@ -243,6 +243,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_native, random_lo
     plain = training_model(tiny_native, cfg, FAST, random_lora_b)
     compiled = training_model(tiny_native, cfg, dataclasses.replace(FAST, compile=True), random_lora_b)
     inner = compiled.get_base_model().model
+    assert torch._dynamo.config.recompile_limit >= 16  # forward, recomputation and evaluation, static and dynamic
     assert all(block._compiled_call_impl is not None
                for block in (*inner.language_model.layers, *inner.vision_tower.encoder.layer))
     batch = padded_batch(plain.config)

@@ -285,22 +285,62 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], contextlib.AbstractContextManager]:
-    """Mixed precision as the Trainer applies it with bf16/fp16 (the weights are loaded in that dtype too)."""
-    if dtype == torch.float32:
+def uses_master_weights(cfg: TrainConfig, dtype: torch.dtype) -> bool:
+    """Whether the recipe trains as DeepSpeed's bf16 / fp16 mode does: every parameter, the adapters included, in
+    the training dtype, fp32 master copies in the optimizer, no autocast. Without DeepSpeed the Trainer keeps
+    peft's fp32 adapters and autocasts, which adds dtype copies of the activations around every adapter."""
+    return cfg.deepspeed != "none" and dtype != torch.float32
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype,
+                 master_weights: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """Mixed precision as the Trainer applies it with bf16/fp16 (the weights are loaded in that dtype too); none
+    where the weights are all in the training dtype already."""
+    if dtype == torch.float32 or master_weights:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def train_step(model, optimizer, params: list[torch.nn.Parameter], batch: dict, *, cfg: TrainConfig,
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters (not buffers, e.g. rotary frequencies) to `dtype`, as DeepSpeed casts the model it wraps."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+
+
+class ClippedAdamW:
+    """AdamW after clipping the gradients' norm, as the Trainer steps; with `master_weights`, on fp32 copies of
+    the parameters (DeepSpeed's bf16 / fp16 mode): gradients are copied up, the update is applied to the copies
+    and they are copied back into the model, so updates smaller than the training dtype's precision add up."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, max_grad_norm: float, master_weights: bool,
+                 **adamw) -> None:
+        self.params = params
+        self.targets = [p.detach().float() for p in params] if master_weights else params
+        self.max_grad_norm = max_grad_norm
+        self.adamw = torch.optim.AdamW(self.targets, **adamw)
+
+    def step(self) -> None:
+        if self.targets is not self.params:
+            for target, param in zip(self.targets, self.params):
+                target.grad = param.grad.float()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.targets, self.max_grad_norm)
+        self.adamw.step()
+        if self.targets is not self.params:
+            with torch.no_grad():
+                for param, target in zip(self.params, self.targets):
+                    param.copy_(target)
+        self.adamw.zero_grad(set_to_none=True)
+        for param in self.params:
+            param.grad = None
+
+
+def train_step(model, optimizer: ClippedAdamW, batch: dict, *,
                autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
     with autocast():
         loss = model(**batch).loss
     loss.backward()
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -338,12 +378,15 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
     release_memory(device)
     torch.manual_seed(args.seed)
     model = prepare_for_training(load_model(model_dir, dtype), cfg).to(device)
+    master_weights = uses_master_weights(cfg, dtype)
+    if master_weights:
+        cast_parameters(model, dtype)
     fast = install_fast_path(model, cfg.fast)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    counts, autocast = flop_counts(model), autocast_for(device, dtype)
+    optimizer = ClippedAdamW([p for p in model.parameters() if p.requires_grad], max_grad_norm=cfg.max_grad_norm,
+                             master_weights=master_weights, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+    counts, autocast = flop_counts(model), autocast_for(device, dtype, master_weights)
     check_inputs = {k: v for k, v in model_inputs(check_batch, cfg, device).items() if k != "tile_keys"}
     check_loss = evaluation_loss(model, check_inputs, autocast)  # computed, not cached
     start = time.perf_counter()
@@ -351,21 +394,22 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
         if index == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        train_step(model, optimizer, params, model_inputs(batch, cfg, device), cfg=cfg, autocast=autocast)
+        train_step(model, optimizer, model_inputs(batch, cfg, device), autocast=autocast)
     synchronize(device)
     seconds = time.perf_counter() - start
     result = timing(batches[args.warmup:], seconds, counts, args, device)
     if args.profile_steps:
-        step = partial(train_step, model, optimizer, params, cfg=cfg, autocast=autocast)
+        step = partial(train_step, model, optimizer, autocast=autocast)
         profile_table(step, [model_inputs(b, cfg, device) for b in batches[:args.profile_steps]], device,
                       args.out.with_name(f"{args.out.stem}_{mode}_profile.txt"))
     result["first_batch_loss"] = check_loss
     result["batch_size"] = int(batches[0]["input_ids"].shape[0])
     result["grad_checkpoint"] = cfg.grad_checkpoint
+    result["precision"] = "fp32 master weights" if master_weights else "autocast" if dtype != torch.float32 else "fp32"
     result["fast"] = dataclasses.asdict(cfg.fast)
     if fast is not None and fast.cache is not None:
         result["vision_cache"] = fast.cache.stats()
-    del model, optimizer, params, fast
+    del model, optimizer, fast
     release_memory(device)
     return result, counts
 

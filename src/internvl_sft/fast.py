@@ -343,9 +343,22 @@ def compile_blocks(model: nn.Module) -> int:
     (norms, activations, rotary embeddings, LoRA scaling), not exact to the last bit."""
     inner = unwrap(model).model
     blocks = [*inner.language_model.layers, *inner.vision_tower.encoder.layer]
+    allow_block_variants()
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+COMPILED_VARIANTS = 64
+
+
+def allow_block_variants() -> None:
+    """Let a block keep a compiled variant for every context it runs in. Training calls one block in several: its
+    forward, its recomputation under gradient checkpointing (in the backward pass's thread, whose autograd and
+    thread-count state differ), the evaluation without autograd, and each of those once with static and once with
+    dynamic shapes, plus micro-batches of one sample. Beyond dynamo's default limit (8) a block runs uncompiled
+    with its guards still checked on every call, slower than not compiling at all."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
 
 
 def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
