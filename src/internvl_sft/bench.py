@@ -3,7 +3,8 @@
     python -m internvl_sft.bench --size tiny | --size 1b | --model DIR  [--steps 20] [--warmup 3] [--out FILE]
 
 Both modes train the recipe of --preset over --params (by default the seed recipe: LoRA r=64, alpha=128 on the
-LLM's q/k/v/o/gate/up/down, vision tower, projector and LLM frozen, gradient checkpointing on) with AdamW, one
+LLM's q/k/v/o/gate/up/down, vision tower, projector and LLM frozen, gradient checkpointing on) with AdamW (in
+bf16 as the recipe's engine trains: DeepSpeed's bf16 weights with fp32 master copies, or the Trainer's autocast), one
 after the other in this process, on the same deterministic synthetic batches: per sample, --prompt-tokens text
 tokens, the image tokens of --tiles tiles and an answer of about --answer-tokens tokens (lengths vary, so batches
 are right-padded), the loss on the answer only. The reference is transformers' forward with full-vocabulary
