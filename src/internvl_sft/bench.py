@@ -14,9 +14,9 @@ presets/internvl2-1b-random.yaml), or a given native checkpoint.
 
 Warm-up steps are not timed; CUDA is synchronised around the timed steps. Useful FLOPs per sample are
 2 x vision-tower parameters x patch tokens (forward only) + 4 x language-model parameters x non-padding tokens
-(forward and backward), MFU is their rate over --peak-tflops. Before training, both modes must give the same loss on the first
-batch (without dropout, within a tolerance of the dtype); otherwise the command exits with status 1 after writing
-its report. With --fast-batch-size the fast mode trains several of the reference's batches in one step, as a
+(forward and backward), MFU is their rate over --peak-tflops. Before training, both modes must give the same
+loss on the first batch (without dropout, within a tolerance of the dtype); otherwise the command exits with
+status 1 after writing its report. With --fast-batch-size the fast mode trains several of the reference's batches in one step, as a
 larger per-device batch with less gradient accumulation does in training (same global batch).
 """
 
@@ -302,6 +302,12 @@ def autocast_for(device: torch.device, dtype: torch.dtype,
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def precision_name(dtype: torch.dtype, master_weights: bool) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    return "fp32 master weights" if master_weights else "autocast"
+
+
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Parameters (not buffers, e.g. rotary frequencies) to `dtype`, as DeepSpeed casts the model it wraps."""
     for param in model.parameters():
@@ -315,25 +321,22 @@ class ClippedAdamW:
 
     def __init__(self, params: list[torch.nn.Parameter], *, max_grad_norm: float, master_weights: bool,
                  **adamw) -> None:
-        self.params = params
+        self.params, self.master_weights, self.max_grad_norm = params, master_weights, max_grad_norm
         self.targets = [p.detach().float() for p in params] if master_weights else params
-        self.max_grad_norm = max_grad_norm
         self.adamw = torch.optim.AdamW(self.targets, **adamw)
 
     def step(self) -> None:
-        if self.targets is not self.params:
+        if self.master_weights:
             for target, param in zip(self.targets, self.params):
-                target.grad = param.grad.float()
+                target.grad, param.grad = param.grad.float(), None
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.targets, self.max_grad_norm)
         self.adamw.step()
-        if self.targets is not self.params:
+        self.adamw.zero_grad(set_to_none=True)
+        if self.master_weights:
             with torch.no_grad():
                 for param, target in zip(self.params, self.targets):
                     param.copy_(target)
-        self.adamw.zero_grad(set_to_none=True)
-        for param in self.params:
-            param.grad = None
 
 
 def train_step(model, optimizer: ClippedAdamW, batch: dict, *,
@@ -406,7 +409,7 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
     result["first_batch_loss"] = check_loss
     result["batch_size"] = int(batches[0]["input_ids"].shape[0])
     result["grad_checkpoint"] = cfg.grad_checkpoint
-    result["precision"] = "fp32 master weights" if master_weights else "autocast" if dtype != torch.float32 else "fp32"
+    result["precision"] = precision_name(dtype, master_weights)
     result["fast"] = dataclasses.asdict(cfg.fast)
     if fast is not None and fast.cache is not None:
         result["vision_cache"] = fast.cache.stats()
