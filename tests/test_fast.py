@@ -213,6 +213,24 @@ def test_every_switch_off_keeps_the_stock_forward(tiny_native):
     assert "forward" not in vars(model.get_base_model())
 
 
+@pytest.fixture
+def restore_cudnn_attention():
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def test_fast_path_leaves_cudnn_attention_out_and_the_stock_path_lets_it_in(tiny_native, restore_cudnn_attention):
+    model = prepare_for_training(load_model(tiny_native), LORA)
+    install_fast_path(model, FAST)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    install_fast_path(prepare_for_training(load_model(tiny_native), LORA), STOCK_FAST)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    install_fast_path(prepare_for_training(load_model(tiny_native), LORA),
+                      dataclasses.replace(FAST, sdpa_without_cudnn=False))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def one_sgd_step(tiny_native, fast: FastConfig, batch: dict, tmp_path, random_lora_b) -> dict[str, torch.Tensor]:
     """LoRA weights after one Trainer step of SGD over two accumulated micro-batches (loss scaling matters)."""
     model = training_model(tiny_native, LORA, fast, random_lora_b)

@@ -108,9 +108,12 @@ class FastConfig:
     frozen_vision_no_grad: bool = True
     vision_cache_mib: int = 0
     compile: bool = False
+    sdpa_without_cudnn: bool = True
 
 
-STOCK_FAST = FastConfig(answer_logits_only=False, frozen_vision_no_grad=False)  # every switch off: transformers' forward
+STOCK_FAST = FastConfig(  # every switch off: transformers' forward, attention kernels as PyTorch picks them
+    answer_logits_only=False, frozen_vision_no_grad=False, sdpa_without_cudnn=False
+)
 
 
 @dataclasses.dataclass(frozen=True)

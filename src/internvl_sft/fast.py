@@ -310,6 +310,8 @@ class FastForward:
             parts.append(f"vision feature cache of {self.cfg.vision_cache_mib} MiB")
         if self.cfg.compile:
             parts.append("transformer blocks compiled")
+        if self.cfg.sdpa_without_cudnn:
+            parts.append("attention without cuDNN's kernels")
         return "fast path: " + "; ".join(parts)
 
 
@@ -361,9 +363,19 @@ def allow_block_variants() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
 
 
+def choose_attention_kernels(cfg: FastConfig) -> None:
+    """Let PyTorch's scaled-dot-product attention use cuDNN's kernels only when `sdpa_without_cudnn` is off (a
+    process-wide setting). On Hopper GPUs PyTorch prefers cuDNN's attention, which builds an execution plan for
+    every new shape: with sequence lengths that change from batch to batch that is one to four milliseconds of
+    host time per attention call, most of a batch-4 step. FlashAttention and the memory-efficient kernel compute
+    the same attention (equal up to the training dtype) without that cost."""
+    torch.backends.cuda.enable_cudnn_sdp(not cfg.sdpa_without_cudnn)
+
+
 def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
     """Make `model` (an InternVL model, with or without peft) train through `FastForward`; None when every
     switch is off (the stock path)."""
+    choose_attention_kernels(cfg)
     if cfg.compile:
         compile_blocks(model)
     if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib):
