@@ -37,11 +37,21 @@ def test_intervals_with_an_evaluation_or_a_save_are_left_out(clock):
     assert timer.samples_per_second(global_batch=16) == pytest.approx(6.0)
 
 
+def test_the_median_step_throughput_ignores_a_single_stalled_step(clock):
+    timer = train.StepTimer(warmup_steps=0)
+    end_step(timer, clock, 1, 1.0)  # starts the clock
+    for step, seconds in enumerate([0.5, 0.5, 12.0, 0.5, 0.4], start=2):
+        end_step(timer, clock, step, seconds)
+    assert timer.samples_per_second(global_batch=16) == pytest.approx(16 * 5 / 13.9, abs=1e-3)  # rounded
+    assert timer.median_samples_per_second(global_batch=16) == pytest.approx(32.0)
+
+
 def test_no_timed_step_gives_no_throughput(clock):
     timer = train.StepTimer(warmup_steps=2)
     end_step(timer, clock, 1, 1.0)
     end_step(timer, clock, 2, 1.0)
     assert timer.samples_per_second(global_batch=16) is None
+    assert timer.median_samples_per_second(global_batch=16) is None
 
 
 def test_compiled_blocks_and_zero3_are_refused_together():

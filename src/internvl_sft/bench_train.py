@@ -218,6 +218,8 @@ def table(report: dict) -> str:
                   number(runs["fast"]["wall_s"], ",.1f")]),
              row("training samples/s", [number(runs[m]["summary"].get("step_samples_per_second"), ",.2f")
                                         for m in MODES]),
+             row("training samples/s, median step",
+                 [number(runs[m]["summary"].get("median_step_samples_per_second"), ",.2f") for m in MODES]),
              row("peak GPU memory (GiB, rank 0)", [number(runs[m]["summary"].get("peak_gpu_memory_gib_rank0"), ".2f")
                                                    for m in MODES]),
              row("steps", [str(len(runs[m]["train_loss"])) for m in MODES]),

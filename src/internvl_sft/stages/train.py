@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -163,21 +164,19 @@ class StepTimer(TrainerCallback):
     """Wall time of training alone: from the end of one optimizer step to the end of the next (data loading,
     forward, backward, update, logging), leaving out the intervals that held an evaluation or a checkpoint save
     and the first `warmup_steps` of a run (allocator and kernel warm-up). The throughput to compare across
-    process counts."""
+    process counts; its median-step form also leaves out single slow steps (compiling a block's new variant)."""
 
     def __init__(self, warmup_steps: int = 2):
         self.warmup_steps = warmup_steps
         self.last: float | None = None
         self.interrupted = False
-        self.seconds = 0.0
-        self.steps = 0
+        self.durations: list[float] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize()
         now = time.perf_counter()
         if self.last is not None and not self.interrupted and state.global_step > self.warmup_steps:
-            self.seconds += now - self.last
-            self.steps += 1
+            self.durations.append(now - self.last)
         self.last, self.interrupted = now, False
 
     def on_evaluate(self, args, state, control, **kwargs):
@@ -186,8 +185,19 @@ class StepTimer(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.interrupted = True
 
+    @property
+    def steps(self) -> int:
+        return len(self.durations)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.durations)
+
     def samples_per_second(self, global_batch: int) -> float | None:
         return round(self.steps * global_batch / self.seconds, 3) if self.steps else None
+
+    def median_samples_per_second(self, global_batch: int) -> float | None:
+        return round(global_batch / statistics.median(self.durations), 3) if self.steps else None
 
 
 class EpochClock(TrainerCallback):
@@ -297,11 +307,13 @@ def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None, timer
                 clock: EpochClock) -> dict:
     """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter.
     `train_samples_per_second` is the Trainer's (evaluations and saves included); `step_samples_per_second` counts
-    the timed optimizer steps only; `epoch_seconds` each epoch of this process's run, evaluation and save included."""
+    the timed optimizer steps only, `median_step_samples_per_second` the global batch over their median duration;
+    `epoch_seconds` each epoch of this process's run, evaluation and save included."""
     summary = {
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "step_samples_per_second": timer.samples_per_second(global_batch_size(trainer.args)),
+        "median_step_samples_per_second": timer.median_samples_per_second(global_batch_size(trainer.args)),
         "timed_steps": timer.steps,
         "train_steps": trainer.state.global_step,
         "epoch_seconds": clock.epoch_seconds(),
