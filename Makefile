@@ -13,7 +13,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real demo bench bench-train bench-inputs
+.PHONY: help venv data pretrained train merge export-upstream eval repro test tensorboard exp real demo bench bench-train bench-gpus bench-inputs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench: ## training-step speed, stock vs fast path (BENCH_ARGS="--size 1b --steps
 
 bench-train: ## whole training runs, stock vs fast settings: wall time and loss curves (BENCH_ARGS="--preset presets/internvl2-1b-random.yaml")
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} python3 -m internvl_sft.bench_train $(BENCH_ARGS)
+
+bench-gpus: ## the same training on 1 and 2 GPUs: throughput ratio and loss agreement (BENCH_ARGS="--preset presets/internvl2-1b-random.yaml --gpus 1 2")
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} python3 -m internvl_sft.bench_gpus $(BENCH_ARGS)
 
 bench-inputs: ## input-pipeline speed: samples/s of tiling + tokenisation per data-loader worker count (BENCH_ARGS="--tile-size 448")
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} python3 -m internvl_sft.bench_inputs $(BENCH_ARGS)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from tiny_project import ROOT, tiny_project, train_environment
+from tiny_project import ROOT, train_environment, two_step_batch_project
 
 from internvl_sft.bench_train import comparison, earlier_run, main, mode_params, parse_args, train_command
 from internvl_sft.config import ConfigError
@@ -58,10 +58,7 @@ def test_the_train_command_is_dvc_yamls_with_the_runs_folders(tmp_path):
 @pytest.mark.slow
 def test_both_runs_train_the_same_steps_and_agree_without_dropout(tmp_path):
     """The reference trains two of the three epochs and the fast run all three, in separate calls."""
-    project = tiny_project(tmp_path / "project", {"train": {"num_train_epochs": 3, "global_batch_size": 4,
-                                                            "per_device_batch_size": 2,
-                                                            "llm_lora": {"dropout": 0.0}}})
-    (project.root / "shell").symlink_to(ROOT / "shell")
+    project = two_step_batch_project(tmp_path / "project", epochs=3)
     out = project.root / "bench"
 
     def bench(mode: str) -> subprocess.CompletedProcess:

@@ -71,3 +71,13 @@ def tiny_project(root: Path, override: dict | None = None) -> TinyProject:
     project.run_data()
     project.run_pretrained()
     return project
+
+
+def two_step_batch_project(root: Path, epochs: int) -> TinyProject:
+    """A miniature project whose global batch of 4 is two micro-batches of 2 on one process (one on each of two),
+    without LoRA dropout, so runs that differ in process count or training path agree up to rounding; the
+    repository's shell/ is linked in, for dvc.yaml's train command."""
+    project = tiny_project(root, {"train": {"num_train_epochs": epochs, "global_batch_size": 4,
+                                            "per_device_batch_size": 2, "llm_lora": {"dropout": 0.0}}})
+    (project.root / "shell").symlink_to(ROOT / "shell")
+    return project

@@ -123,25 +123,30 @@ def train_command(dvc_yaml: Path, params_file: Path, run_dir: Path) -> list[str]
     return command
 
 
-def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Train one mode from scratch; its wall time, the train stage's run summary and loss curves, also kept in
-    the run's result.json."""
-    run_dir = args.out / mode
+def train_once(run_dir: Path, params: dict[str, Any], dvc_yaml: Path, label: str,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train `params` from scratch into `run_dir` with dvc.yaml's train command (in `env`, default: this
+    process's); its wall time, the train stage's run summary and loss curves."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     params_file = run_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     log = run_dir / "train.log"
-    print(f"training {mode} (log: {log})", flush=True)
+    print(f"training {label} (log: {log})", flush=True)
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as handle:
-        code = subprocess.run(train_command(args.dvc_yaml, params_file, run_dir), stdout=handle,
-                              stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(train_command(dvc_yaml, params_file, run_dir), stdout=handle,
+                              stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - start
     if code:
-        raise SystemExit(f"the {mode} run failed (exit status {code}); see {log}")
+        raise SystemExit(f"the {label} run failed (exit status {code}); see {log}")
     summary = json.loads((run_dir / "adapter" / "train_summary.json").read_text(encoding="utf-8"))
-    result = {"params": params, "wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
+    return {"params": params, "wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
+
+
+def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Train one mode from scratch (`train_once`), its result also kept in the run's result.json."""
+    result = train_once(args.out / mode, params, args.dvc_yaml, mode)
     result_path(args, mode).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
 
@@ -177,7 +182,8 @@ def loss_curves(curves_dir: Path) -> dict[str, list[float]]:
         with (curves_dir / name).open(newline="", encoding="utf-8") as handle:
             return [float(row[key]) for row in csv.DictReader(handle)]
 
-    return {"train_loss": column("train.csv", "loss"), "eval_loss": column("eval.csv", "eval_loss")}
+    return {"train_loss": column("train.csv", "loss"), "train_epoch": column("train.csv", "epoch"),
+            "eval_loss": column("eval.csv", "eval_loss")}
 
 
 def largest_relative_difference(values: list[float], reference: list[float]) -> float | None:
