@@ -4,8 +4,9 @@
 
 Both modes train the recipe of --preset over --params (by default the seed recipe: LoRA r=64, alpha=128 on the
 LLM's q/k/v/o/gate/up/down, vision tower, projector and LLM frozen, gradient checkpointing on) with AdamW (in
-bf16 as the recipe's engine trains: DeepSpeed's bf16 weights with fp32 master copies, or the Trainer's autocast), one
-after the other in this process, on the same deterministic synthetic batches: per sample, --prompt-tokens text
+bf16 as the recipe's engine trains: DeepSpeed's bf16 weights with fp32 master copies, or the Trainer's
+autocast), one after the other in this process, on the same deterministic synthetic batches: per sample,
+--prompt-tokens text
 tokens, the image tokens of --tiles tiles and an answer of about --answer-tokens tokens (lengths vary, so batches
 are right-padded), the loss on the answer only. The reference is transformers' forward with full-vocabulary
 logits; the fast mode is the training code's fast path as `train.fast` configures it. The model has random
@@ -16,8 +17,9 @@ Warm-up steps are not timed; CUDA is synchronised around the timed steps. Useful
 2 x vision-tower parameters x patch tokens (forward only) + 4 x language-model parameters x non-padding tokens
 (forward and backward), MFU is their rate over --peak-tflops. Before training, both modes must give the same
 loss on the first batch (without dropout, within a tolerance of the dtype); otherwise the command exits with
-status 1 after writing its report. With --fast-batch-size the fast mode trains several of the reference's batches in one step, as a
-larger per-device batch with less gradient accumulation does in training (same global batch).
+status 1 after writing its report. With --fast-batch-size the fast mode trains several of the reference's
+batches in one step, as a larger per-device batch with less gradient accumulation does in training (same global
+batch).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from internvl_sft.bench_train import largest_relative_difference, recipe, train_once
+from internvl_sft.bench_train import largest_relative_difference, launched_nodes, number, recipe, train_once
 from internvl_sft.config import ConfigError, Params, build, gradient_accumulation
 from internvl_sft.paths import write_report
 from internvl_sft.preset import parse_assignment
@@ -52,8 +52,7 @@ def checked_recipe(args: argparse.Namespace) -> dict[str, Any]:
     train = build(Params, params, where="bench_gpus recipe").train
     for count in args.gpus:
         try:
-            gradient_accumulation(train.global_batch_size, train.per_device_batch_size,
-                                  count * int(os.environ.get("NNODES", "1")))
+            gradient_accumulation(train.global_batch_size, train.per_device_batch_size, count * launched_nodes())
         except ValueError as error:
             raise ConfigError(f"GPUS={count}: {error}") from None
     return params
@@ -97,9 +96,6 @@ def table(runs: dict[int, dict[str, Any]], compared: dict[int, dict[str, Any]]) 
 
     def row(label: str, values: list[str]) -> str:
         return f"{label:40}" + "".join(f"{value:>14}" for value in values)
-
-    def number(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
 
     def summary(key: str, spec: str) -> list[str]:
         return [number(runs[count]["summary"].get(key), spec) for count in counts]

@@ -48,8 +48,12 @@ DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=1638
 RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
 
 
+def launched_nodes() -> int:
+    return int(os.environ.get("NNODES", "1"))
+
+
 def launched_processes() -> int:
-    return int(os.environ.get("GPUS", "1")) * int(os.environ.get("NNODES", "1"))
+    return int(os.environ.get("GPUS", "1")) * launched_nodes()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,14 +211,16 @@ def comparison(runs: dict[str, dict], epochs: float) -> dict[str, Any]:
     }
 
 
+def number(value: float | None, spec: str) -> str:
+    """A report's number in `spec`, or n/a where there is none."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def table(report: dict) -> str:
     runs, compared = report["runs"], report["comparison"]
 
     def row(label: str, values: list[str]) -> str:
         return f"{label:34}" + "".join(f"{value:>14}" for value in values)
-
-    def number(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
 
     estimated = compared["reference_wall_estimated"]
     lines = [row("", list(MODES)),
