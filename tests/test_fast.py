@@ -13,6 +13,7 @@ from internvl_sft.fast import (
     FeatureCache,
     answer_loss,
     install_fast_path,
+    is_right_padded,
     run_stages,
     tensor_bytes,
 )
@@ -229,6 +230,52 @@ def test_fast_path_leaves_cudnn_attention_out_and_the_stock_path_lets_it_in(tiny
     install_fast_path(prepare_for_training(load_model(tiny_native), LORA),
                       dataclasses.replace(FAST, sdpa_without_cudnn=False))
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_right_padding_is_told_from_left_padding():
+    assert is_right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert is_right_padded(None)
+    assert not is_right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert not is_right_padded(torch.tensor([[1, 0, 1]]))
+
+
+def left_padded(batch: dict) -> dict:
+    """The same samples with their padding moved before the tokens."""
+    shifts = (batch["attention_mask"] == 0).sum(dim=1)
+    rolled = {key: torch.stack([row.roll(int(shift)) for row, shift in zip(batch[key], shifts)])
+              for key in ("input_ids", "labels", "attention_mask")}
+    return {**batch, **rolled}
+
+
+def language_model_masks(model, batch: dict) -> list:
+    """The attention masks the language model received during one forward with labels."""
+    seen = []
+    language_model = model.get_base_model().model.language_model
+    handle = language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        model(**batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_padding_mask_is_dropped_only_for_right_padded_batches(tiny_native, random_lora_b):
+    """Right padding: the causal mask alone gives the real positions' outputs, so the mask is left out; left
+    padding keeps it (positions 0.. would otherwise see the padding), and both give the stock loss."""
+    model = training_model(tiny_native, LORA, FAST, random_lora_b)
+    stock = training_model(tiny_native, LORA, STOCK_FAST, random_lora_b)
+    right = padded_batch(model.config)
+    left = left_padded(right)
+    assert language_model_masks(model, right) == [None]
+    (left_mask,) = language_model_masks(model, left)
+    torch.testing.assert_close(left_mask, left["attention_mask"])
+    kept = training_model(tiny_native, LORA, dataclasses.replace(FAST, drop_padding_mask=False), random_lora_b)
+    (kept_mask,) = language_model_masks(kept, right)
+    torch.testing.assert_close(kept_mask, right["attention_mask"])
+    with torch.no_grad():
+        for batch in (right, left):
+            torch.testing.assert_close(model(**batch).loss, stock(**right).loss, rtol=1e-6, atol=1e-6)
 
 
 def one_sgd_step(tiny_native, fast: FastConfig, batch: dict, tmp_path, random_lora_b) -> dict[str, torch.Tensor]:

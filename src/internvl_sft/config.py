@@ -109,10 +109,11 @@ class FastConfig:
     vision_cache_mib: int = 0
     compile: bool = False
     sdpa_without_cudnn: bool = True
+    drop_padding_mask: bool = True
 
 
 STOCK_FAST = FastConfig(  # every switch off: transformers' forward, attention kernels as PyTorch picks them
-    answer_logits_only=False, frozen_vision_no_grad=False, sdpa_without_cudnn=False
+    answer_logits_only=False, frozen_vision_no_grad=False, sdpa_without_cudnn=False, drop_padding_mask=False
 )
 
 

@@ -10,7 +10,10 @@ back-propagated for nothing. `FastForward` replaces the model's forward for call
 - the frozen part of the vision path (the vision tower, and the projector when it is frozen too) runs
   under torch.no_grad;
 - opt-in, that frozen part's output is cached per tile in CPU memory, keyed by the tile's pixels and the
-  frozen weights, and reused in later epochs.
+  frozen weights, and reused in later epochs;
+- a right-padded batch reaches the language model without its padding mask: causal attention already keeps
+  every real position from seeing the padding after it, and without a mask PyTorch's attention can run
+  FlashAttention instead of a kernel that reads a mask.
 
 It is installed as the forward of the model instance, so the Trainer's loss scaling, DDP's gradient hooks and
 DeepSpeed's engine all see one ordinary forward call: computing the loss from sub-modules in
@@ -253,6 +256,8 @@ class FastForward:
         if pixel_values is not None:
             features = self.image_features(pixel_values, tile_keys).to(embeds.device, embeds.dtype)
             embeds = place_image_features(embeds, input_ids == inner.config.image_token_id, features)
+        if self.cfg.drop_padding_mask and is_right_padded(attention_mask):
+            attention_mask = None
         return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def image_features(self, pixel_values: torch.Tensor, tile_keys: list[str] | None) -> torch.Tensor:
@@ -312,7 +317,17 @@ class FastForward:
             parts.append("transformer blocks compiled")
         if self.cfg.sdpa_without_cudnn:
             parts.append("attention without cuDNN's kernels")
+        if self.cfg.drop_padding_mask:
+            parts.append("causal attention without the padding mask for right-padded batches")
         return "fast path: " + "; ".join(parts)
+
+
+def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
+    """Whether each row of the padding mask is ones followed by zeros: padding only after the sample's tokens.
+    Outputs at the padding positions then change without the mask, the real positions' do not."""
+    if attention_mask is None:
+        return True
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def place_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -378,7 +393,7 @@ def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
     choose_attention_kernels(cfg)
     if cfg.compile:
         compile_blocks(model)
-    if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib):
+    if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib or cfg.drop_padding_mask):
         return None
     base = unwrap(model)
     fast = FastForward(base, cfg)
