@@ -118,6 +118,7 @@ def test_bench_runs_both_modes_on_the_cpu(tmp_path):
     assert check["equal"] and check["reference"] == pytest.approx(check["fast"], rel=1e-5)
     assert report["shape"] == {"batch_size": 4, "tiles": 7, "prompt_tokens": 16, "answer_tokens": 128}
     assert report["ratios"]["samples_per_s"] > 0
+    assert report["step_losses"]["steps"] == 3 and report["step_losses"]["fast_vs_reference"] < 1e-4  # fp32
     assert "first-batch loss" in result.stdout and "fast/reference" in result.stdout
     for mode in ("reference", "fast"):
         assert "aten::mm" in (tmp_path / f"bench_{mode}_profile.txt").read_text()
@@ -143,6 +144,7 @@ def test_fast_mode_trains_several_reference_batches_a_step(tmp_path):
     report = run(args)
     assert report["modes"]["reference"]["batch_size"] == 2 and report["modes"]["fast"]["batch_size"] == 4
     assert report["first_batch_loss"]["equal"]
+    assert report["step_losses"] is None  # a fast step trains two reference steps' batches: no step to compare
 
 
 def test_master_weights_add_up_updates_below_the_dtypes_precision():
@@ -171,6 +173,32 @@ def test_deepspeed_recipe_trains_bf16_weights_without_autocast(tmp_path):
     report = run(args)
     assert {mode["precision"] for mode in report["modes"].values()} == {"fp32 master weights"}
     assert report["first_batch_loss"]["equal"] and report["environment"]["dtype"] == "bfloat16"
+
+
+def test_fp32_reference_measures_each_modes_distance_from_fp32(tmp_path):
+    args = parse_args(["--size", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--tiles", "2",
+                       "--precision", "bf16", "--fp32-reference", "--params", str(ROOT / "params.yaml"),
+                       "--preset", str(ROOT / "presets/internvl2-1b-random.yaml"), "--build-dir", str(tmp_path)])
+    report = run(args)
+    modes = report["modes"]
+    assert modes["fp32"]["precision"] == "fp32" and modes["reference"]["precision"] == "fp32 master weights"
+    assert all(len(mode["step_losses"]) == 3 for mode in modes.values())
+    # the same weights: bf16 and fp32 agree on the first batch up to bf16's rounding, and are not identical
+    assert modes["fp32"]["step_losses"][0] == pytest.approx(modes["reference"]["step_losses"][0], rel=1e-2)
+    assert modes["fp32"]["step_losses"] != modes["reference"]["step_losses"]
+    steps = report["step_losses"]
+    assert steps["steps"] == 3 and 0 < steps["reference_vs_fp32"] < 1e-2 and 0 < steps["fast_vs_fp32"] < 1e-2
+    assert steps["fast_vs_reference"] == max(abs(f - r) / abs(r) for f, r in
+                                             zip(modes["fast"]["step_losses"], modes["reference"]["step_losses"]))
+
+
+@pytest.mark.parametrize(("options", "message"), [(["--precision", "fp32"], "in fp32 already"),
+                                                   (["--precision", "bf16", "--fast-batch-size", "4"], "batches")])
+def test_fp32_reference_refuses_what_it_cannot_compare(tmp_path, options, message):
+    args = parse_args(["--size", "tiny", "--batch-size", "2", "--fp32-reference", "--build-dir", str(tmp_path),
+                       *options])
+    with pytest.raises(SystemExit, match=message):
+        run(args)
 
 
 def test_fast_batch_size_must_be_a_multiple_of_the_batch_size(tmp_path):

@@ -20,6 +20,11 @@ loss on the first batch (without dropout, within a tolerance of the dtype); othe
 status 1 after writing its report. With --fast-batch-size the fast mode trains several of the reference's
 batches in one step, as a larger per-device batch with less gradient accumulation does in training (same global
 batch).
+
+When both modes train the same batches, the report compares their loss at every step. Two bf16 runs of the same
+math part by the dtype's rounding alone, so --fp32-reference also trains the reference in fp32 from the same
+weights (untimed) and reports how far each mode's step losses lie from it: the scale against which the two modes'
+own difference is judged.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from internvl_sft.stages.pretrained import tiny_sizes
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 MODES = ("reference", "fast")
+FP32_MODE = "fp32"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cycle through this many batches, as epochs repeat data (default 0: all distinct)")
     parser.add_argument("--peak-tflops", type=float,
                         help=f"peak FLOP/s for MFU (default: {H100_BF16_TFLOPS:g} on CUDA, none on a CPU)")
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help="also train the reference in fp32 from the same weights and report each mode's step "
+                             "losses against it (needs a bf16 / fp16 training dtype and equal batch sizes)")
     parser.add_argument("--seed", type=int, default=0, help="of the batches and the LoRA initialisation")
     parser.add_argument("--build-dir", type=Path,
                         help="build the random checkpoint here and reuse it later (default: a temporary folder)")
@@ -378,15 +387,20 @@ def evaluation_loss(model: torch.nn.Module, batch: dict,
 
 
 def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], check_batch: dict,
-             args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[dict, FlopCounts]:
+             args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+             fp32_compute: bool = False) -> tuple[dict, FlopCounts]:
     """The loss of `check_batch` before training, then train `cfg` on `batches`, timing all but the first
-    --warmup steps."""
+    --warmup steps. With `fp32_compute` the weights are rounded to `dtype` as the other modes hold them, then
+    trained in fp32."""
     release_memory(device)
     torch.manual_seed(args.seed)
     model = prepare_for_training(load_model(model_dir, dtype), cfg).to(device)
     master_weights = uses_master_weights(cfg, dtype)
     if master_weights:
         cast_parameters(model, dtype)
+    if fp32_compute:
+        cast_parameters(model, torch.float32)
+        dtype, master_weights = torch.float32, False
     fast = install_fast_path(model, cfg.fast)
     model.train()
     optimizer = ClippedAdamW([p for p in model.parameters() if p.requires_grad], max_grad_norm=cfg.max_grad_norm,
@@ -395,15 +409,16 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
     counts, autocast = flop_counts(model), autocast_for(device, dtype, master_weights)
     check_inputs = {k: v for k, v in model_inputs(check_batch, cfg, device).items() if k != "tile_keys"}
     check_loss = evaluation_loss(model, check_inputs, autocast)  # computed, not cached
-    start = time.perf_counter()
+    start, losses = time.perf_counter(), []
     for index, batch in enumerate(batches):
         if index == args.warmup:
             synchronize(device)
             start = time.perf_counter()
-        train_step(model, optimizer, model_inputs(batch, cfg, device), autocast=autocast)
+        losses.append(train_step(model, optimizer, model_inputs(batch, cfg, device), autocast=autocast))
     synchronize(device)
     seconds = time.perf_counter() - start
     result = timing(batches[args.warmup:], seconds, counts, args, device)
+    result["step_losses"] = [float(loss) for loss in losses]
     if args.profile_steps:
         step = partial(train_step, model, optimizer, autocast=autocast)
         profile_table(step, [model_inputs(b, cfg, device) for b in batches[:args.profile_steps]], device,
@@ -451,6 +466,22 @@ def loss_check(reference: float, fast: float, dtype: torch.dtype) -> dict:
             "equal": difference <= rtol * abs(reference)}
 
 
+def largest_relative_difference(losses: list[float], reference: list[float]) -> float:
+    return max(abs(loss - ref) / abs(ref) for loss, ref in zip(losses, reference, strict=True))
+
+
+def step_loss_differences(results: dict) -> dict:
+    """The largest relative difference of the step losses: fast against reference, and, where an fp32 run
+    exists, each against it."""
+    losses = {mode: result["step_losses"] for mode, result in results.items()}
+    differences = {"steps": len(losses["reference"]),
+                   "fast_vs_reference": largest_relative_difference(losses["fast"], losses["reference"])}
+    if FP32_MODE in losses:
+        for mode in MODES:
+            differences[f"{mode}_vs_fp32"] = largest_relative_difference(losses[mode], losses[FP32_MODE])
+    return differences
+
+
 def ratio(results: dict, key: str) -> float | None:
     reference, fast = results["reference"][key], results["fast"][key]
     return fast / reference if reference and fast is not None else None
@@ -487,6 +518,12 @@ def table(report: dict) -> str:
     verdict = "equal" if check["equal"] else "DIFFERENT"
     lines.append(f"first-batch loss: reference {check['reference']:.6f}, fast {check['fast']:.6f} "
                  f"(|diff| {check['abs_diff']:.2e}, relative tolerance {check['rtol']:g}): {verdict}")
+    steps = report.get("step_losses")
+    if steps:
+        against_fp32 = "".join(f", {mode} vs fp32 {steps[f'{mode}_vs_fp32']:.2e}"
+                               for mode in MODES if f"{mode}_vs_fp32" in steps)
+        lines.append(f"step losses over {steps['steps']} steps, largest relative difference: fast vs reference "
+                     f"{steps['fast_vs_reference']:.2e}{against_fp32}")
     return "\n".join(lines)
 
 
@@ -498,22 +535,34 @@ def fast_steps_of(args: argparse.Namespace, shape: BatchShape) -> int:
     return size // shape.batch_size
 
 
+def check_fp32_reference(args: argparse.Namespace, dtype: torch.dtype, per_step: int) -> None:
+    if dtype == torch.float32:
+        raise SystemExit("--fp32-reference: the modes train in fp32 already (choose --precision bf16 or fp16)")
+    if per_step > 1:
+        raise SystemExit("--fp32-reference: the fast mode must train the reference's batches (no --fast-batch-size)")
+
+
 def run(args: argparse.Namespace) -> dict:
     recipe = resolve(args.preset, args.params)[0]
     device = inference_device()
     dtype = resolve_dtype(args.precision)
     shape = batch_shape(args, recipe)
     configs = mode_configs(args, recipe.train)
+    per_step = fast_steps_of(args, shape)
+    if args.fp32_reference:
+        check_fp32_reference(args, dtype, per_step)
     with model_folder(args) as model_dir:
         config = transformers.AutoConfig.from_pretrained(model_dir)
         batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib),
                                pinned=device.type == "cuda")
-        per_step = fast_steps_of(args, shape)
         mode_batches = {"reference": batches, "fast": grouped(batches, per_step) if per_step > 1 else batches}
         results, counts = {}, None
         for mode in MODES:
             results[mode], counts = run_mode(mode, model_dir, configs[mode], mode_batches[mode], batches[0], args,
                                              device, dtype)
+        if args.fp32_reference:
+            results[FP32_MODE], _ = run_mode(FP32_MODE, model_dir, configs["reference"], batches, batches[0], args,
+                                             device, dtype, fp32_compute=True)
     return {
         "environment": environment(device, dtype),
         "model": str(args.model) if args.model else f"random, --size {args.size}",
@@ -528,6 +577,7 @@ def run(args: argparse.Namespace) -> dict:
         "ratios": {key: ratio(results, key) for key in ("samples_per_s", "tokens_per_s", "mfu", "peak_memory_gib")},
         "first_batch_loss": loss_check(results["reference"]["first_batch_loss"],
                                        results["fast"]["first_batch_loss"], dtype),
+        "step_losses": step_loss_differences(results) if per_step == 1 else None,
     }
 
 
