@@ -12,6 +12,7 @@ from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
     FeatureCache,
     answer_loss,
+    describe,
     install_fast_path,
     is_right_padded,
     run_stages,
@@ -212,6 +213,16 @@ def test_every_switch_off_keeps_the_stock_forward(tiny_native):
     model = prepare_for_training(load_model(tiny_native), LORA)
     assert install_fast_path(model, STOCK_FAST) is None
     assert "forward" not in vars(model.get_base_model())
+
+
+def test_the_log_line_names_every_switch_that_is_on():
+    assert describe(STOCK_FAST).startswith("stock training step")
+    compiled_only = describe(dataclasses.replace(STOCK_FAST, compile=True))
+    assert compiled_only == "fast path: transformer blocks compiled"
+    everything = describe(FastConfig(logit_chunk_tokens=8, vision_cache_mib=4, compile=True))
+    for words in ("label positions only, 8 positions a chunk", "without autograd", "cache of 4 MiB", "compiled",
+                  "without cuDNN", "without the padding mask"):
+        assert words in everything
 
 
 @pytest.fixture

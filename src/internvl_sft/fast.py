@@ -304,22 +304,24 @@ class FastForward:
             self.fingerprints[frozen] = WeightsFingerprint(vision_modules(self.model.model)[:frozen])
         return self.fingerprints[frozen].current()
 
-    def describe(self) -> str:
-        parts = []
-        if self.cfg.answer_logits_only:
-            chunks = f", {self.cfg.logit_chunk_tokens} positions a chunk" if self.cfg.logit_chunk_tokens else ""
-            parts.append(f"LM head and loss at label positions only{chunks}")
-        if self.cfg.frozen_vision_no_grad:
-            parts.append("frozen vision stages without autograd")
-        if self.cache is not None:
-            parts.append(f"vision feature cache of {self.cfg.vision_cache_mib} MiB")
-        if self.cfg.compile:
-            parts.append("transformer blocks compiled")
-        if self.cfg.sdpa_without_cudnn:
-            parts.append("attention without cuDNN's kernels")
-        if self.cfg.drop_padding_mask:
-            parts.append("causal attention without the padding mask for right-padded batches")
-        return "fast path: " + "; ".join(parts)
+
+def describe(cfg: FastConfig) -> str:
+    """One line naming every `train.fast` switch that is on, for the training log."""
+    parts = []
+    if cfg.answer_logits_only:
+        chunks = f", {cfg.logit_chunk_tokens} positions a chunk" if cfg.logit_chunk_tokens else ""
+        parts.append(f"LM head and loss at label positions only{chunks}")
+    if cfg.frozen_vision_no_grad:
+        parts.append("frozen vision stages without autograd")
+    if cfg.vision_cache_mib:
+        parts.append(f"vision feature cache of {cfg.vision_cache_mib} MiB")
+    if cfg.compile:
+        parts.append("transformer blocks compiled")
+    if cfg.sdpa_without_cudnn:
+        parts.append("attention without cuDNN's kernels")
+    if cfg.drop_padding_mask:
+        parts.append("causal attention without the padding mask for right-padded batches")
+    return "fast path: " + "; ".join(parts) if parts else "stock training step (every train.fast switch off)"
 
 
 def is_right_padded(attention_mask: torch.Tensor | None) -> bool:

@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from internvl_sft.config import Params, TrainConfig, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate, loader_options
-from internvl_sft.fast import FastForward, install_fast_path
+from internvl_sft.fast import FastForward, describe, install_fast_path
 from internvl_sft.model.load import (
     load_model,
     load_tokenizer,
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     join_process_group(training_args)
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
-    print(trainable_summary(model), fast.describe() if fast else "stock training forward", sep="\n", flush=True)
+    print(trainable_summary(model), describe(params.train.fast), sep="\n", flush=True)
     timer, clock = StepTimer(), EpochClock()
     stop = [StopAfterEpochs(params.train.stop_after_epochs)] if params.train.stop_after_epochs else []
     trainer = InternVLTrainer(
