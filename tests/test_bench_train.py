@@ -24,6 +24,9 @@ def test_reference_is_stock_and_fast_trains_the_global_batch_at_once(tmp_path):
     assert fast["fast"]["answer_logits_only"] and fast["fast"]["logit_chunk_tokens"] == 64
     assert not fast["fast"]["compile"]  # --fast-set replaces the default settings
     assert reference["learning_rate"] == fast["learning_rate"] == 4e-5
+    fp32 = modes["fp32"]["train"]
+    assert fp32["precision"] == "fp32" and reference["precision"] == "bf16"
+    assert {**fp32, "precision": "bf16"} == reference
 
 
 def test_set_applies_to_both_runs_before_the_fast_settings():
@@ -85,6 +88,12 @@ def test_both_runs_train_the_same_steps_and_agree_without_dropout(tmp_path):
     assert yaml_value(out / "fast/params.yaml", "per_device_batch_size") == 4
     assert yaml_value(out / "reference/params.yaml", "per_device_batch_size") == 2
     assert "wall-time speed-up" in result.stdout and "* estimated" in result.stdout
+    assert "against_fp32" not in compared
+    # the CPU trains in fp32 already: the fp32 run repeats the reference
+    assert "from the fp32 run" in bench("fp32").stdout
+    against = json.loads((out / "bench_train.json").read_text())["comparison"]["against_fp32"]
+    assert against["reference"] == {"train_loss_max_rel_diff": 0.0, "eval_loss_max_rel_diff": 0.0}
+    assert against["fast"]["train_loss_max_rel_diff"] == pytest.approx(compared["train_loss_max_rel_diff"])
 
 
 def yaml_value(path, key):
@@ -115,6 +124,27 @@ def test_a_reference_of_one_epoch_gives_no_estimate_and_a_whole_one_is_measured(
     assert not whole["reference_wall_estimated"] and whole["wall_speedup"] == pytest.approx(5.0)
 
 
+def test_an_fp32_run_gives_both_runs_differences_from_it():
+    runs = {"reference": run_result(0, 100.0, [50.0, 50.0], [4.0, 2.0]),
+            "fast": run_result(0, 40.0, [20.0, 20.0], [4.4, 2.0]),
+            "fp32": run_result(0, 300.0, [150.0, 150.0], [4.0, 2.5])}
+    against = comparison(runs, epochs=2)["against_fp32"]
+    assert against["reference"] == {"train_loss_max_rel_diff": pytest.approx(0.2),
+                                    "eval_loss_max_rel_diff": pytest.approx(0.2)}
+    assert against["fast"]["train_loss_max_rel_diff"] == pytest.approx(0.2)
+    assert against["fast"]["eval_loss_max_rel_diff"] == pytest.approx(0.2)
+    assert "against_fp32" not in comparison({**runs, "fp32": None}, epochs=2)
+
+
+def test_an_fp32_run_of_other_parameters_is_left_out_with_a_notice(tmp_path, capsys):
+    args = parse_args(["--params", str(ROOT / "params.yaml"), "--out", str(tmp_path)])
+    params = mode_params(args)["fp32"]
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32/result.json").write_text(json.dumps({"params": {**params, "seed": 1}, "wall_s": 1.0}))
+    assert earlier_run("fp32", params, args, required=False) is None
+    assert "left out of this comparison" in capsys.readouterr().out
+
+
 def test_runs_of_separate_calls_are_compared_only_with_the_same_parameters(tmp_path):
     args = parse_args(["--params", str(ROOT / "params.yaml"), "--out", str(tmp_path)])
     params = mode_params(args)["reference"]
@@ -129,5 +159,6 @@ def test_runs_of_separate_calls_are_compared_only_with_the_same_parameters(tmp_p
 
 def test_modes_are_checked():
     assert parse_args(["--modes", "fast"]).modes == ("fast",)
+    assert parse_args(["--modes", "fp32"]).modes == ("fp32",)
     with pytest.raises(SystemExit):
         parse_args(["--modes", "fast,quick"])

@@ -14,7 +14,9 @@ and the vision feature cache) on top. The data and base model are the ones in da
 data and pretrained stages for the same recipe first.
 
 Same global batch and seed give the same samples at every step; LoRA dropout draws its masks per micro-batch, so
-with dropout the curves agree statistically, without it up to the training dtype.
+with dropout the curves agree statistically, without it up to the training dtype. How far "up to the training
+dtype" goes shows a third, optional run: `--modes fp32` trains the reference in fp32 (`train.precision: fp32`),
+and once it exists the report gives each run's loss differences from it.
 
 A long reference can be cut short: with --reference-epochs N it trains the first N epochs of the same schedule
 (`train.stop_after_epochs`), and its whole-run wall time is estimated as the measured one plus the remaining
@@ -44,6 +46,7 @@ from internvl_sft.paths import write_report
 from internvl_sft.preset import overlay, params_with, parse_assignment, recipe_overrides, unflatten
 
 MODES = ("reference", "fast")
+FP32_MODE = "fp32"
 DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=16384")
 RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
 
@@ -64,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-epochs", type=int, default=0,
                         help="train only this many epochs of the reference's schedule and estimate the rest (0: all)")
     parser.add_argument("--modes", type=parse_modes, default=MODES,
-                        help="comma-separated runs to train now (default: both); a missing one is read from --out")
+                        help="comma-separated runs to train now (default: both); a missing one is read from --out; "
+                             "fp32 adds the reference trained in fp32")
     parser.add_argument("--processes", type=int, default=launched_processes(),
                         help="training processes of a run, GPUS x NNODES as the launcher reads them (default: "
                              "from the environment): the fast run's per-device batch is the global batch over it")
@@ -86,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(mode.strip() for mode in text.split(",") if mode.strip())
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - {*MODES, FP32_MODE})
     if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"modes are {', '.join((*MODES, FP32_MODE))}; got {text!r}")
     return modes
 
 
@@ -108,7 +112,8 @@ def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     fast = overlay(fast, unflatten(dict(args.fast_set)))
     reference = overlay(base, {"train": {"fast": dataclasses.asdict(STOCK_FAST),
                                          "stop_after_epochs": args.reference_epochs}})
-    modes = {"reference": reference, "fast": fast}
+    modes = {"reference": reference, "fast": fast,
+             FP32_MODE: overlay(reference, {"train": {"precision": "fp32"}})}
     for mode, params in modes.items():
         build(Params, params, where=f"{mode} run of bench_train")
     return modes
@@ -159,15 +164,20 @@ def result_path(args: argparse.Namespace, mode: str) -> Path:
     return args.out / mode / "result.json"
 
 
-def earlier_run(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+def earlier_run(mode: str, params: dict[str, Any], args: argparse.Namespace,
+                required: bool = True) -> dict[str, Any] | None:
     """The result an earlier call left for this mode (None: there is none); it must have trained the same
-    parameters."""
+    parameters, or, for a run the report can do without, it is left out with a notice."""
     path = result_path(args, mode)
     if not path.exists():
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
     if result.get("params") != params:
-        raise SystemExit(f"{path}: the {mode} run there trained other parameters; train it again with --modes {mode}")
+        message = f"{path}: the {mode} run there trained other parameters; train it again with --modes {mode}"
+        if required:
+            raise SystemExit(message)
+        print(f"{message} (left out of this comparison)")
+        return None
     return result
 
 
@@ -197,18 +207,27 @@ def largest_relative_difference(values: list[float], reference: list[float]) -> 
     return max(abs(value - ref) / abs(ref) for value, ref in zip(values, reference))
 
 
+def loss_differences(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | None]:
+    return {"train_loss_max_rel_diff": largest_relative_difference(run["train_loss"], reference["train_loss"]),
+            "eval_loss_max_rel_diff": largest_relative_difference(run["eval_loss"], reference["eval_loss"])}
+
+
 def comparison(runs: dict[str, dict], epochs: float) -> dict[str, Any]:
+    """Wall-time speed-up and loss differences of the fast run against the reference, and of both against the
+    fp32 run where there is one."""
     reference, fast = runs["reference"], runs["fast"]
     cut_short = bool(reference["params"]["train"]["stop_after_epochs"])
     reference_wall = estimated_full_wall(reference, epochs) if cut_short else reference["wall_s"]
-    return {
+    compared = {
         "reference_wall_s": reference_wall,
         "reference_wall_estimated": cut_short,
         "wall_speedup": None if reference_wall is None else reference_wall / fast["wall_s"],
         "compared_steps": min(len(fast["train_loss"]), len(reference["train_loss"])),
-        "train_loss_max_rel_diff": largest_relative_difference(fast["train_loss"], reference["train_loss"]),
-        "eval_loss_max_rel_diff": largest_relative_difference(fast["eval_loss"], reference["eval_loss"]),
+        **loss_differences(fast, reference),
     }
+    if runs.get(FP32_MODE):
+        compared["against_fp32"] = {mode: loss_differences(runs[mode], runs[FP32_MODE]) for mode in MODES}
+    return compared
 
 
 def number(value: float | None, spec: str) -> str:
@@ -241,6 +260,11 @@ def table(report: dict) -> str:
              f"fast run's step losses {number(compared['train_loss_max_rel_diff'], '.2e')} (first "
              f"{compared['compared_steps']} steps), of its eval losses "
              f"{number(compared['eval_loss_max_rel_diff'], '.2e')}"]
+    against = compared.get("against_fp32")
+    if against:
+        lines.append("largest relative difference from the fp32 run: " + "; ".join(
+            f"{mode} step losses {number(against[mode]['train_loss_max_rel_diff'], '.2e')}, eval losses "
+            f"{number(against[mode]['eval_loss_max_rel_diff'], '.2e')}" for mode in MODES))
     if estimated:
         lines.append("* estimated: the reference trained the first "
                      f"{runs['reference']['params']['train']['stop_after_epochs']} epochs of the schedule")
@@ -255,11 +279,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
     runs = {mode: run_training(mode, params[mode], args) for mode in args.modes}
     runs.update({mode: earlier_run(mode, params[mode], args) for mode in MODES if mode not in runs})
-    missing = [mode for mode, run in runs.items() if run is None]
+    if FP32_MODE not in runs:
+        runs[FP32_MODE] = earlier_run(FP32_MODE, params[FP32_MODE], args, required=False)
+    missing = [mode for mode in MODES if runs[mode] is None]
     if missing:
         print(f"no {' or '.join(missing)} run in {args.out} yet; the comparison is made once both exist "
               f"(--modes {','.join(missing)})")
         return
+    runs = {mode: run for mode, run in runs.items() if run is not None}
     epochs = params["fast"]["train"]["num_train_epochs"]
     report = {"recipe": {"params": str(args.params), "preset": str(args.preset) if args.preset else None,
                          "epochs": epochs, "reference_epochs": args.reference_epochs or None,
