@@ -47,6 +47,7 @@ import transformers
 from torch.nn import functional as F
 from transformers import PretrainedConfig
 
+from internvl_sft.bench_train import largest_relative_difference
 from internvl_sft.config import STOCK_FAST, Params, TrainConfig, load_params
 from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.synthetic import LEXICON
@@ -464,10 +465,6 @@ def loss_check(reference: float, fast: float, dtype: torch.dtype) -> dict:
     difference = abs(fast - reference)
     return {"reference": reference, "fast": fast, "abs_diff": difference, "rtol": rtol,
             "equal": difference <= rtol * abs(reference)}
-
-
-def largest_relative_difference(losses: list[float], reference: list[float]) -> float:
-    return max(abs(loss - ref) / abs(ref) for loss, ref in zip(losses, reference, strict=True))
 
 
 def step_loss_differences(results: dict) -> dict:
