@@ -6,9 +6,8 @@ Both modes train the recipe of --preset over --params (by default the seed recip
 LLM's q/k/v/o/gate/up/down, vision tower, projector and LLM frozen, gradient checkpointing on) with AdamW (in
 bf16 as the recipe's engine trains: DeepSpeed's bf16 weights with fp32 master copies, or the Trainer's
 autocast), one after the other in this process, on the same deterministic synthetic batches: per sample,
---prompt-tokens text
-tokens, the image tokens of --tiles tiles and an answer of about --answer-tokens tokens (lengths vary, so batches
-are right-padded), the loss on the answer only. The reference is transformers' forward with full-vocabulary
+--prompt-tokens text tokens, the image tokens of --tiles tiles and an answer of about --answer-tokens tokens
+(lengths vary, so batches are right-padded), the loss on the answer only. The reference is transformers' forward with full-vocabulary
 logits; the fast mode is the training code's fast path as `train.fast` configures it. The model has random
 weights: the embedded default's sizes (`tiny`), the InternVL2-1B shape (`1b`, the sizes of
 presets/internvl2-1b-random.yaml), or a given native checkpoint.
@@ -532,7 +531,7 @@ def fast_steps_of(args: argparse.Namespace, shape: BatchShape) -> int:
     return size // shape.batch_size
 
 
-def check_fp32_reference(args: argparse.Namespace, dtype: torch.dtype, per_step: int) -> None:
+def check_fp32_reference(dtype: torch.dtype, per_step: int) -> None:
     if dtype == torch.float32:
         raise SystemExit("--fp32-reference: the modes train in fp32 already (choose --precision bf16 or fp16)")
     if per_step > 1:
@@ -547,7 +546,7 @@ def run(args: argparse.Namespace) -> dict:
     configs = mode_configs(args, recipe.train)
     per_step = fast_steps_of(args, shape)
     if args.fp32_reference:
-        check_fp32_reference(args, dtype, per_step)
+        check_fp32_reference(dtype, per_step)
     with model_folder(args) as model_dir:
         config = transformers.AutoConfig.from_pretrained(model_dir)
         batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib),
