@@ -22,6 +22,20 @@ def test_unknown_key_is_named(tmp_path):
         load_params(path)
 
 
+def test_errors_of_a_params_file_name_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  seed: 1\n  fast:\n    compile: false\n    drop_padding_mask: maybe\n"
+                    "  llm_lora:\n    target_modules: [q_proj, 7]\n")
+    with pytest.raises(ConfigError, match=r"drop_padding_mask: expected bool, got 'maybe' \(line 5\)$"):
+        load_params(path)
+    path.write_text("train:\n  llm_lora:\n    target_modules:\n      - q_proj\n      - 7\n")
+    with pytest.raises(ConfigError, match=r"target_modules\[1\]: expected str, got 7 \(line 5\)$"):
+        load_params(path)
+    path.write_text("train:\n  seed: 2\n  fast:\n    compile: true\n  lerning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) lerning_rate;.* \(line 5\)$"):
+        load_params(path)
+
+
 def test_wrong_type_and_choice_are_named(tmp_path):
     with pytest.raises(ConfigError, match="train: per_device_batch_size: expected int"):
         build(Params, {"train": {"per_device_batch_size": "four"}}, "p")

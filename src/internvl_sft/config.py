@@ -16,7 +16,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A params file that does not match the expected schema."""
+    """A params file that does not match the expected schema; `keys` is the path to the offending entry."""
+
+    def __init__(self, message: str, keys: tuple[str | int, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,47 +188,73 @@ def gradient_accumulation(global_batch: int, per_device: int, processes: int) ->
 def load_params(path: str | Path) -> Params:
     """Read params.yaml into `Params`; every key must be known and well-typed."""
     path = Path(path)
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
-    return build(Params, raw, where=str(path))
+    try:
+        return build(Params, raw, where=str(path))
+    except ConfigError as err:
+        line = yaml_line(text, err.keys)
+        if line is None:
+            raise
+        raise ConfigError(f"{err} (line {line})", err.keys) from None
 
 
-def build(cls: type, raw: Any, where: str) -> Any:
+def yaml_line(text: str, keys: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of the entry at `keys` in a YAML document (the deepest one found); None: not found."""
+    node, line = yaml.compose(text), None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if k.value == key]
+            if not found:
+                break
+            key_node, node = found[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def build(cls: type, raw: Any, where: str, keys: tuple[str | int, ...] = ()) -> Any:
     """Instantiate dataclass `cls` from a mapping, checking key names and value types."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}", keys)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-    values = {key: coerce(hints[key], value, f"{where}: {key}") for key, value in raw.items()}
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}",
+                          (*keys, unknown[0]))
+    values = {key: coerce(hints[key], value, f"{where}: {key}", (*keys, key)) for key, value in raw.items()}
     return cls(**values)
 
 
-def coerce(hint: Any, value: Any, where: str) -> Any:
+def coerce(hint: Any, value: Any, where: str, keys: tuple[str | int, ...] = ()) -> Any:
     """Check `value` against a type hint, converting lists to tuples and ints to floats."""
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, where)
+        return build(hint, value, where, keys)
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}", keys)
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}", keys)
         item = typing.get_args(hint)[0]
-        return tuple(coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(coerce(item, v, f"{where}[{i}]", (*keys, i)) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
-                return coerce(option, value, where)
+                return coerce(option, value, where, keys)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+        raise ConfigError(f"{where}: {value!r} does not match {hint}", keys)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -236,7 +266,7 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         return None
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}", keys)
 
 
 def to_dict(params: Any) -> Any:
