@@ -191,6 +191,29 @@ def test_cached_features_equal_recomputed_ones_and_changes_miss(tiny_native, ran
     assert not torch.equal(fresh, first)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cache_on_a_gpu_holds_page_locked_rows_and_returns_them_unchanged(tiny_native, random_lora_b):
+    """Rows go to and come from the cache by asynchronous copies: what a later step gets must be what the
+    vision tower computed, also when hits and misses share a batch."""
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, vision_cache_mib=4), random_lora_b).cuda()
+    fast = model.get_base_model().forward
+    pixels = padded_batch(model.config)["pixel_values"].cuda()
+    first = fast.image_features(pixels, tile_keys(pixels.cpu()))
+    assert len(fast.cache.entries) == TILES and all(row.is_pinned() for row in fast.cache.entries.values())
+    again = fast.image_features(pixels, tile_keys(pixels.cpu()))
+    changed = pixels.clone()
+    changed[2, :, :4, :4] += 0.5
+    mixed = fast.image_features(changed, tile_keys(changed.cpu()))
+    assert (fast.cache.hits, fast.cache.misses) == (2 * TILES - 1, TILES + 1)
+    with torch.no_grad():  # the miss alone, as the cache computed it (another batch size may take other kernels)
+        recomputed = run_stages(model.get_base_model().model, changed[2:3], 0, 2)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    kept = [row for row in range(TILES) if row != 2]
+    torch.testing.assert_close(mixed[kept], first[kept], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[2:3], recomputed, rtol=0, atol=0)
+
+
 def test_cache_keeps_its_size_bound_dropping_the_least_recently_used():
     cache = FeatureCache(max_bytes=2 * 64 * 4)
     for name in "abc":
