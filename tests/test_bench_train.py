@@ -88,6 +88,7 @@ def test_both_runs_train_the_same_steps_and_agree_without_dropout(tmp_path):
     assert yaml_value(out / "fast/params.yaml", "per_device_batch_size") == 4
     assert yaml_value(out / "reference/params.yaml", "per_device_batch_size") == 2
     assert "wall-time speed-up" in result.stdout and "* estimated" in result.stdout
+    assert "checkpoint saves (s)" in result.stdout
     assert "against_fp32" not in compared
     # the CPU trains in fp32 already: the fp32 run repeats the reference
     assert "from the fp32 run" in bench("fp32").stdout

@@ -83,7 +83,8 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return tiny_project(tmp_path_factory.mktemp("resume"))
+    """Batches come from a data-loader worker that lives through the run (persistent workers)."""
+    return tiny_project(tmp_path_factory.mktemp("resume"), {"train": {"dataloader_num_workers": 1}})
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,9 @@ def test_a_run_stopped_after_an_epoch_follows_the_whole_schedule_and_resumes_to_
     assert first_epoch == whole[:len(first_epoch)], "the slice must train with the whole run's learning rates"
     summary = json.loads((sliced / "adapter/train_summary.json").read_text(encoding="utf-8"))
     assert len(summary["epoch_seconds"]) == 1 and summary["epoch_seconds"][0] > 0
+    phases = summary["phase_seconds"]
+    assert set(phases) == {"imports", "setup", "eval", "save", "load_best"} and min(phases.values()) > 0
+    assert phases["eval"] + phases["save"] < summary["epoch_seconds"][0]
     log = train(project, sliced)
     assert "resuming from" in log
     assert_same_adapter(sliced, reference)

@@ -1,11 +1,12 @@
-"""Units of the train stage: the training-only throughput (evaluations, saves and warm-up steps left out) and
-the settings refused together."""
+"""Units of the train stage: the training-only throughput (evaluations, saves and warm-up steps left out), the
+settings refused together, when data-loader workers live through the run."""
 
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from internvl_sft.stages import train
 
@@ -67,3 +68,33 @@ def test_a_negative_epoch_stop_is_refused_with_its_name():
     train.check_combination(dataclasses.replace(cfg, stop_after_epochs=2))
     with pytest.raises(SystemExit, match="train: stop_after_epochs must be >= 0 .0: train every epoch., got -1"):
         train.check_combination(dataclasses.replace(cfg, stop_after_epochs=-1))
+
+
+def datasets_with(*augment: bool) -> tuple:
+    return (SimpleNamespace(samples=[SimpleNamespace(data_augment=flag) for flag in augment]),)
+
+
+def test_workers_live_through_the_run_unless_a_sample_is_augmented():
+    cfg = train.TrainConfig(dataloader_num_workers=2)
+    assert train.keeps_workers(cfg, datasets_with(False, False))
+    assert not train.keeps_workers(cfg, datasets_with(False, True))
+    assert not train.keeps_workers(dataclasses.replace(cfg, dataloader_persistent_workers=False), datasets_with(False))
+    assert not train.keeps_workers(dataclasses.replace(cfg, dataloader_num_workers=0), datasets_with(False))
+
+
+def test_the_length_grouped_order_depends_on_the_seed_and_epoch_only():
+    lengths = [10, 50, 20, 40, 30, 60, 70, 80]
+    sampler = train.EpochSeededLengthSampler(2, lengths, seed=3)
+    first = list(sampler)
+    assert list(sampler) == first and sorted(first) == list(range(len(lengths)))
+    orders = set()
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(sampler))
+    assert len(orders) > 1, "every epoch trained the same order"
+    again = train.EpochSeededLengthSampler(2, lengths, seed=3)
+    again.set_epoch(2)
+    sampler.set_epoch(2)
+    torch.manual_seed(123)  # the process's generator plays no part
+    assert list(again) == list(sampler)
+    assert list(train.EpochSeededLengthSampler(2, lengths, seed=4)) != first

@@ -235,6 +235,10 @@ def number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+PHASE_ROWS = (("imports", "process start and imports (s)"), ("setup", "setup before training (s)"),
+              ("eval", "evaluations (s)"), ("save", "checkpoint saves (s)"), ("load_best", "best checkpoint's reload (s)"))
+
+
 def table(report: dict) -> str:
     runs, compared = report["runs"], report["comparison"]
 
@@ -251,6 +255,8 @@ def table(report: dict) -> str:
                                         for m in MODES]),
              row("training samples/s, median step",
                  [number(runs[m]["summary"].get("median_step_samples_per_second"), ",.2f") for m in MODES]),
+             *[row(label, [number(runs[m]["summary"].get("phase_seconds", {}).get(phase), ",.1f") for m in MODES])
+               for phase, label in PHASE_ROWS],
              row("peak GPU memory (GiB, rank 0)", [number(runs[m]["summary"].get("peak_gpu_memory_gib_rank0"), ".2f")
                                                    for m in MODES]),
              row("steps", [str(len(runs[m]["train_loss"])) for m in MODES]),

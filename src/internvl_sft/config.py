@@ -143,6 +143,7 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     dataloader_pin_memory: bool = True
     dataloader_prefetch_factor: int = 2
+    dataloader_persistent_workers: bool = True
     freeze_llm: bool = True
     freeze_mlp: bool = True
     freeze_backbone: bool = True

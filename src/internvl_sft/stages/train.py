@@ -15,9 +15,12 @@ import os
 import shutil
 import statistics
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -86,7 +89,16 @@ def join_process_group(training_args: TrainingArguments) -> None:
         deepspeed.init_distributed()
 
 
-def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dtype) -> TrainingArguments:
+def keeps_workers(cfg: TrainConfig, datasets: tuple) -> bool:
+    """Whether data-loader workers live through the run. Each new set of workers draws its seeds from the
+    training process's generator, whose state a resumed run restores; workers that live on carry their draws
+    over, so a dataset with `data_augment` (random JPEG qualities) has them restarted for every epoch."""
+    augmented = any(sample.data_augment for dataset in datasets for sample in dataset.samples)
+    return cfg.dataloader_persistent_workers and cfg.dataloader_num_workers > 0 and not augmented
+
+
+def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dtype,
+                       persistent_workers: bool = False) -> TrainingArguments:
     cfg = params.train
     deepspeed = None if cfg.deepspeed == "none" else DEEPSPEED_CONFIGS[cfg.deepspeed]
     return TrainingArguments(
@@ -115,6 +127,7 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_persistent_workers=persistent_workers,
         **{f"dataloader_{key}": value for key, value in loader_options(cfg, cfg.dataloader_num_workers).items()},
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable (LoRA / projector) weight is used in each step
@@ -131,6 +144,25 @@ def global_batch_size(args: TrainingArguments) -> int:
     return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Length-grouped order (batches of similar length, the longest first) drawn from `seed` and the epoch the
+    Trainer sets, nothing else: the same for an epoch however often, and after whatever, the loader asks for it
+    (a data loader whose workers live on asks once more at its start), in a resumed run as in an uninterrupted
+    one."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class InternVLTrainer(Trainer):
     """Trainer whose length grouping reads precomputed sample lengths instead of loading every sample.
 
@@ -141,12 +173,77 @@ class InternVLTrainer(Trainer):
     def __init__(self, *args, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
+        self.phases = PhaseClock()
+
+    def get_train_dataloader(self):
+        return self.worker_seeds_apart(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, *args, **kwargs):
+        return self.worker_seeds_apart(super().get_eval_dataloader(*args, **kwargs))
+
+    def worker_seeds_apart(self, loader):
+        """Workers that live through the run draw their seeds once, where the first epoch or evaluation starts,
+        and a resumed run starts them at another point of the run. From a generator of their own, that draw
+        stays out of the training process's generator, whose stream (dropout masks, the length-grouped order) a
+        resumed run restores and must then continue as the uninterrupted run does. (accelerate's loader wraps the
+        torch DataLoader that makes the iterators.)"""
+        base = getattr(loader, "base_dataloader", loader)
+        if self.args.dataloader_persistent_workers and base.generator is None:
+            base.generator = torch.Generator().manual_seed(self.args.seed)
+        return loader
+
+    def evaluate(self, *args, **kwargs):
+        with self.phases.timed("eval"):
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        with self.phases.timed("save"):
+            return super()._save_checkpoint(*args, **kwargs)
+
+    def _load_best_model(self, *args, **kwargs):
+        with self.phases.timed("load_best"):
+            return super()._load_best_model(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return LengthGroupedSampler(global_batch_size(self.args), lengths=dataset.lengths)
+        return EpochSeededLengthSampler(global_batch_size(self.args), dataset.lengths, self.args.data_seed)
+
+
+class PhaseClock:
+    """Wall time a run spent in each kind of work besides its training steps, summed over the run: `imports`
+    (from the process's start to `main`: the interpreter and its imports), `setup` (from the start of `main` to
+    the first step: data, model, fast path, DeepSpeed engine), `eval` (every
+    evaluation), `save` (every checkpoint save), `load_best` (the best checkpoint's reload at the end)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def rounded(self) -> dict[str, float]:
+        return {phase: round(seconds, 3) for phase, seconds in self.seconds.items()}
+
+
+class SetupClock(TrainerCallback):
+    """Counts the time from `started` (a `time.perf_counter()` value) to the start of training as `setup`."""
+
+    def __init__(self, phases: PhaseClock, started: float):
+        self.phases, self.started = phases, started
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.phases.add("setup", time.perf_counter() - self.started)
 
 
 class CurvesCallback(TrainerCallback):
@@ -303,12 +400,13 @@ def peak_gpu_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None, timer: StepTimer,
+def run_summary(metrics: dict, trainer: InternVLTrainer, fast: FastForward | None, timer: StepTimer,
                 clock: EpochClock) -> dict:
     """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter.
     `train_samples_per_second` is the Trainer's (evaluations and saves included); `step_samples_per_second` counts
     the timed optimizer steps only, `median_step_samples_per_second` the global batch over their median duration;
-    `epoch_seconds` each epoch of this process's run, evaluation and save included."""
+    `epoch_seconds` each epoch of this process's run, evaluation and save included; `phase_seconds` the setup,
+    evaluations, saves and best-model reload (`PhaseClock`)."""
     summary = {
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
@@ -317,6 +415,7 @@ def run_summary(metrics: dict, trainer: Trainer, fast: FastForward | None, timer
         "timed_steps": timer.steps,
         "train_steps": trainer.state.global_step,
         "epoch_seconds": clock.epoch_seconds(),
+        "phase_seconds": trainer.phases.rounded(),
         "world_size": world_size(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gpu_memory_gib_rank0": peak_gpu_memory_gib(),
@@ -345,6 +444,8 @@ def save_adapter(trainer: Trainer, params: Params, args: argparse.Namespace, sum
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    imports_s = time.time() - psutil.Process().create_time()
     die_with_launcher()
     args = parse_args(argv)
     params = load_params(args.params)
@@ -357,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     seed, tile_keys = params.train.seed, params.train.fast.vision_cache_mib > 0
     train_set = build_dataset(args.train_meta, tokenizer, sidecar, params.inputs, seed, tile_keys=tile_keys)
     val_set = build_dataset(args.val_meta, tokenizer, sidecar, params.inputs, seed, tile_keys=tile_keys)
-    training_args = training_arguments(params, args, dtype)
+    training_args = training_arguments(params, args, dtype, keeps_workers(params.train, (train_set, val_set)))
     join_process_group(training_args)
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
@@ -379,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         ],
         group_by_length=params.train.group_by_length,
     )
+    trainer.phases.add("imports", imports_s)
+    trainer.add_callback(SetupClock(trainer.phases, started))
     with training_args.main_process_first(local=False, desc="checkpoint check"):
         last = checkpoint_to_resume(Path(args.checkpoint_dir), run_fingerprint(params, args))
     if last:
