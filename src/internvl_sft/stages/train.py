@@ -90,9 +90,10 @@ def join_process_group(training_args: TrainingArguments) -> None:
 
 
 def keeps_workers(cfg: TrainConfig, datasets: tuple) -> bool:
-    """Whether data-loader workers live through the run. Each new set of workers draws its seeds from the
-    training process's generator, whose state a resumed run restores; workers that live on carry their draws
-    over, so a dataset with `data_augment` (random JPEG qualities) has them restarted for every epoch."""
+    """Whether data-loader workers live through the run. Workers that live on carry their random state from
+    epoch to epoch, and a resumed run starts them afresh; so with a `data_augment` dataset (random JPEG
+    qualities, drawn in the workers) they start anew every epoch, seeded from the training process's generator,
+    whose state a resumed run restores."""
     augmented = any(sample.data_augment for dataset in datasets for sample in dataset.samples)
     return cfg.dataloader_persistent_workers and cfg.dataloader_num_workers > 0 and not augmented
 
@@ -214,8 +215,8 @@ class InternVLTrainer(Trainer):
 class PhaseClock:
     """Wall time a run spent in each kind of work besides its training steps, summed over the run: `imports`
     (from the process's start to `main`: the interpreter and its imports), `setup` (from the start of `main` to
-    the first step: data, model, fast path, DeepSpeed engine), `eval` (every
-    evaluation), `save` (every checkpoint save), `load_best` (the best checkpoint's reload at the end)."""
+    the start of training: data, model, fast path, DeepSpeed engine), `eval` (every evaluation), `save` (every
+    checkpoint save), `load_best` (the best checkpoint's reload at the end)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -405,8 +406,8 @@ def run_summary(metrics: dict, trainer: InternVLTrainer, fast: FastForward | Non
     """Throughput, wall time and memory of the run (and the vision cache's use), as written next to the adapter.
     `train_samples_per_second` is the Trainer's (evaluations and saves included); `step_samples_per_second` counts
     the timed optimizer steps only, `median_step_samples_per_second` the global batch over their median duration;
-    `epoch_seconds` each epoch of this process's run, evaluation and save included; `phase_seconds` the setup,
-    evaluations, saves and best-model reload (`PhaseClock`)."""
+    `epoch_seconds` each epoch of this process's run, evaluation and save included; `phase_seconds` the time
+    outside the training steps by kind (`PhaseClock`)."""
     summary = {
         "train_runtime_s": metrics.get("train_runtime"),
         "train_samples_per_second": metrics.get("train_samples_per_second"),
