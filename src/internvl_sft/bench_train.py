@@ -236,7 +236,8 @@ def number(value: float | None, spec: str) -> str:
 
 
 PHASE_ROWS = (("imports", "process start and imports (s)"), ("setup", "setup before training (s)"),
-              ("eval", "evaluations (s)"), ("save", "checkpoint saves (s)"), ("load_best", "best checkpoint's reload (s)"))
+              ("eval", "evaluations (s)"), ("save", "checkpoint saves (s)"),
+              ("load_best", "best checkpoint's reload (s)"))
 
 
 def table(report: dict) -> str:
