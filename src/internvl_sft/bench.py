@@ -7,10 +7,10 @@ LLM's q/k/v/o/gate/up/down, vision tower, projector and LLM frozen, gradient che
 bf16 as the recipe's engine trains: DeepSpeed's bf16 weights with fp32 master copies, or the Trainer's
 autocast), one after the other in this process, on the same deterministic synthetic batches: per sample,
 --prompt-tokens text tokens, the image tokens of --tiles tiles and an answer of about --answer-tokens tokens
-(lengths vary, so batches are right-padded), the loss on the answer only. The reference is transformers' forward with full-vocabulary
-logits; the fast mode is the training code's fast path as `train.fast` configures it. The model has random
-weights: the embedded default's sizes (`tiny`), the InternVL2-1B shape (`1b`, the sizes of
-presets/internvl2-1b-random.yaml), or a given native checkpoint.
+(lengths vary, so batches are right-padded), the loss on the answer only. The reference is transformers'
+forward with full-vocabulary logits; the fast mode is the training code's fast path as `train.fast` configures
+it. The model has random weights: the embedded default's sizes (`tiny`), the InternVL2-1B shape (`1b`, the sizes
+of presets/internvl2-1b-random.yaml), or a given native checkpoint.
 
 Warm-up steps are not timed; CUDA is synchronised around the timed steps. Useful FLOPs per sample are
 2 x vision-tower parameters x patch tokens (forward only) + 4 x language-model parameters x non-padding tokens
@@ -46,7 +46,7 @@ import transformers
 from torch.nn import functional as F
 from transformers import PretrainedConfig
 
-from internvl_sft.bench_train import largest_relative_difference
+from internvl_sft.bench_train import FP32_MODE, MODES, largest_relative_difference
 from internvl_sft.config import STOCK_FAST, Params, TrainConfig, load_params
 from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.synthetic import LEXICON
@@ -67,8 +67,6 @@ from internvl_sft.stages.pretrained import tiny_sizes
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 LOSS_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-MODES = ("reference", "fast")
-FP32_MODE = "fp32"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
