@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,19 @@ def test_errors_of_a_params_file_name_the_line(tmp_path):
     path.write_text("train:\n  seed: 2\n  fast:\n    compile: true\n  lerning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) lerning_rate;.* \(line 5\)$"):
         load_params(path)
+
+
+def test_a_stage_stops_on_a_bad_params_file_with_its_message_and_no_traceback(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  dataloader_persistent_workers: maybe\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "internvl_sft.stages.data", "--params", str(path), "--out", str(tmp_path / "data"),
+         "--report", str(tmp_path / "report.json")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {path}: train: dataloader_persistent_workers: expected bool, "
+                                     "got 'maybe' (line 2)")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "report.json").exists()
 
 
 def test_wrong_type_and_choice_are_named(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,6 +185,15 @@ def gradient_accumulation(global_batch: int, per_device: int, processes: int) ->
             f"per_device_batch_size {per_device} x {processes} process(es)"
         )
     return global_batch // per_step
+
+
+def exit_on_config_error(main: Callable[[], None]) -> None:
+    """Run a command's `main`; a params error ends it with its message (file, key path, line) and status 1
+    instead of a traceback."""
+    try:
+        main()
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def load_params(path: str | Path) -> Params:

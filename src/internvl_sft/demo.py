@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from internvl_sft.config import load_params
+from internvl_sft.config import exit_on_config_error, load_params
 from internvl_sft.data.images import load_image
 from internvl_sft.data.meta import with_image_placeholder
 from internvl_sft.draw import PREDICTION, Target, annotate
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from internvl_sft.config import DataConfig, ValidationConfig, load_params
+from internvl_sft.config import DataConfig, ValidationConfig, exit_on_config_error, load_params
 from internvl_sft.data.fetch import copy_local, download, extract_zip
 from internvl_sft.data.images import ImageLimits
 from internvl_sft.data.meta import DataError
@@ -127,4 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)

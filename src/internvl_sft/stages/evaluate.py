@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from internvl_sft.config import EvalConfig, InputsConfig, load_params
+from internvl_sft.config import EvalConfig, InputsConfig, exit_on_config_error, load_params
 from internvl_sft.data.dataset import build_dataset, collate, read_meta_samples
 from internvl_sft.infer import Predictor, Query
 from internvl_sft.metrics import (
@@ -134,4 +134,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)

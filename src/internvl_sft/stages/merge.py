@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from internvl_sft.config import load_params
+from internvl_sft.config import exit_on_config_error, load_params
 from internvl_sft.model.convert import copy_tokenizer_files
 from internvl_sft.model.load import DTYPES, SIDECAR, load_model, require_safetensors, saved_dtype
 from internvl_sft.paths import atomic_dir
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)

@@ -13,7 +13,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from internvl_sft.config import PretrainedConfig, load_params
+from internvl_sft.config import PretrainedConfig, exit_on_config_error, load_params
 from internvl_sft.data.synthetic import GROUNDED_LEXICON, LEXICON
 from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import PICKLE_SUFFIXES
@@ -66,4 +66,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)
