@@ -80,6 +80,8 @@ def test_both_runs_train_the_same_steps_and_agree_without_dropout(tmp_path):
     reference, fast = report["runs"]["reference"], report["runs"]["fast"]
     assert len(fast["train_loss"]) == 3 * len(reference["train_loss"]) // 2 >= 3
     assert len(reference["summary"]["epoch_seconds"]) == 2 and len(fast["summary"]["epoch_seconds"]) == 3
+    cache = fast["summary"]["vision_cache_rank0"]  # epochs 2 and 3 read every tile from the cache, without pixels
+    assert cache["tiles_without_pixels"] > 0 and cache["hits"] >= 2 * cache["misses"]
     compared = report["comparison"]
     assert compared["compared_steps"] == len(reference["train_loss"])
     assert compared["train_loss_max_rel_diff"] < 1e-4

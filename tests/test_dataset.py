@@ -214,21 +214,48 @@ def test_collate_pads_right_and_concatenates_tiles_in_sample_order(tokenizer, im
     assert context_count(tokenizer, batch["input_ids"]) == 4 * TOKENS_PER_TILE
 
 
-def test_tile_keys_follow_the_tiles_and_change_with_their_pixels(tokenizer, images, tmp_path):
-    """Keys of the vision feature cache: same pixels, same key (whatever the file); a changed tile, a new key."""
+def test_tile_keys_follow_the_image_files_and_their_tiling(tokenizer, images, tmp_path):
+    """Keys of the vision feature cache: same file bytes, same keys (whatever the path); a changed file or another
+    tiling, new keys; an augmented sample, none."""
     original, copy, changed = tmp_path / "gradient.png", tmp_path / "copy.png", tmp_path / "changed.png"
     image = Image.linear_gradient("L").resize((40, 80)).convert("RGB")  # 1:2, so 2 tiles + thumbnail
     image.save(original)
     image.save(copy)
     image.putpixel((0, 0), RED)
     image.save(changed)
-    data = dataset(tokenizer, [sample([original]), sample(), sample([copy]), sample([changed])], tile_keys=True)
-    items = [data[index] for index in range(4)]
-    tall, text, same, other = (item["tile_keys"] for item in items)
+    samples = [sample([original]), sample(), sample([copy]), sample([changed]), sample([copy], data_augment=True)]
+    data = dataset(tokenizer, samples, tile_keys=True)
+    items = [data[index] for index in range(len(samples))]
+    tall, text, same, other, augmented = (item["tile_keys"] for item in items)
     assert len(tall) == 3 and len(set(tall)) == 3 and text == [] and same == tall
-    assert other[0] != tall[0] and other[1] == tall[1]  # the change is in the top tile only
-    assert collate(items, pad_token_id=tokenizer.pad_token_id)["tile_keys"] == tall + same + other
+    assert not set(other) & set(tall) and augmented == [None] * 3
+    collated = collate(items, pad_token_id=tokenizer.pad_token_id)
+    assert collated["tile_keys"] == tall + same + other + augmented
+    assert collated["tile_sources"] == [(0, 0, True)] * 3 + [(0, 2, True)] * 3 + [(0, 3, True)] * 3 + [(0, 4, True)] * 3
+    assert not set(dataset(tokenizer, [sample([original])], tile_keys=True, tile_size=56)[0]["tile_keys"]) & set(tall)
     assert "tile_keys" not in dataset(tokenizer, [sample([images["tall"]])])[0]
+
+
+def test_a_sample_flagged_as_cached_comes_without_pixels(tokenizer, images):
+    """The item of a sample whose tiles the vision cache holds has the same tokens, tile count and keys as
+    its item with pixels, and a batch carries pixel values for the other samples' tiles only."""
+    data = dataset(tokenizer, [sample([images["wide"]]), sample([images["tall"]], line=2)], tile_keys=True)
+    loaded = [data[0], data[1]]
+    flags = torch.zeros(2, dtype=torch.bool)
+    data.skip_cached_pixels(3, flags)
+    flags[0] = True
+    bare, still = data[0], data[1]
+    assert bare["pixel_values"] is None and bare["num_tiles"] == loaded[0]["num_tiles"] == 5
+    for key in ("input_ids", "labels"):
+        assert torch.equal(bare[key], loaded[0][key])
+    assert bare["tile_keys"] == loaded[0]["tile_keys"] and bare["tile_source"] == (3, 0, False)
+    collated = collate([bare, still], pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(collated["pixel_values"], loaded[1]["pixel_values"])
+    assert collated["tile_sources"] == [(3, 0, False)] * 5 + [(3, 1, True)] * 3
+    flags[1] = True
+    assert "pixel_values" not in collate([data[0], data[1]], pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="tile keys"):
+        dataset(tokenizer, [sample()]).skip_cached_pixels(0, flags)
 
 
 def test_collate_of_text_only_batch_has_no_pixel_values(tokenizer):

@@ -12,6 +12,7 @@ from internvl_sft.data.dataset import content_digest
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
     FeatureCache,
+    Tiles,
     answer_loss,
     describe,
     install_fast_path,
@@ -171,9 +172,9 @@ def test_cached_features_equal_recomputed_ones_and_changes_miss(tiny_native, ran
     inner = model.get_base_model().model
     pixels = padded_batch(model.config)["pixel_values"]
     keys = tile_keys(pixels)
-    first = fast.image_features(pixels, keys)
+    first = fast.image_features(pixels, Tiles(keys), pixels.device)
     assert (fast.cache.hits, fast.cache.misses) == (0, TILES)
-    again = fast.image_features(pixels, keys)
+    again = fast.image_features(pixels, Tiles(keys), pixels.device)
     assert (fast.cache.hits, fast.cache.misses) == (TILES, TILES)
     with torch.no_grad():
         recomputed = run_stages(inner, pixels, 0, 2)
@@ -182,12 +183,12 @@ def test_cached_features_equal_recomputed_ones_and_changes_miss(tiny_native, ran
 
     changed = pixels.clone()
     changed[2, :, :4, :4] += 0.5
-    fast.image_features(changed, tile_keys(changed))
+    fast.image_features(changed, Tiles(tile_keys(changed)), changed.device)
     assert (fast.cache.hits, fast.cache.misses) == (2 * TILES - 1, TILES + 1)
 
     with torch.no_grad():
         inner.vision_tower.encoder.layer[0].mlp.fc1.weight.mul_(1.01)
-    fresh = fast.image_features(pixels, keys)
+    fresh = fast.image_features(pixels, Tiles(keys), pixels.device)
     assert fast.cache.misses == 2 * TILES + 1
     assert not torch.equal(fresh, first)
 
@@ -200,12 +201,12 @@ def test_cache_on_a_gpu_holds_page_locked_rows_and_returns_them_unchanged(tiny_n
     model = training_model(tiny_native, LORA, dataclasses.replace(FAST, vision_cache_mib=4), random_lora_b).cuda()
     fast = model.get_base_model().forward
     pixels = padded_batch(model.config)["pixel_values"].cuda()
-    first = fast.image_features(pixels, tile_keys(pixels.cpu()))
+    first = fast.image_features(pixels, Tiles(tile_keys(pixels.cpu())), pixels.device)
     assert len(fast.cache.entries) == TILES and all(row.is_pinned() for row in fast.cache.entries.values())
-    again = fast.image_features(pixels, tile_keys(pixels.cpu()))
+    again = fast.image_features(pixels, Tiles(tile_keys(pixels.cpu())), pixels.device)
     changed = pixels.clone()
     changed[2, :, :4, :4] += 0.5
-    mixed = fast.image_features(changed, tile_keys(changed.cpu()))
+    mixed = fast.image_features(changed, Tiles(tile_keys(changed.cpu())), changed.device)
     assert (fast.cache.hits, fast.cache.misses) == (2 * TILES - 1, TILES + 1)
     with torch.no_grad():  # the miss alone, as the cache computed it (another batch size may take other kernels)
         recomputed = run_stages(model.get_base_model().model, changed[2:3], 0, 2)
@@ -215,15 +216,51 @@ def test_cache_on_a_gpu_holds_page_locked_rows_and_returns_them_unchanged(tiny_n
     torch.testing.assert_close(mixed[2:3], recomputed, rtol=0, atol=0)
 
 
-def test_cache_keeps_its_size_bound_dropping_the_least_recently_used():
+def test_cache_keeps_the_first_entries_that_fit_and_no_later_ones():
     cache = FeatureCache(max_bytes=2 * 64 * 4)
     for name in "abc":
-        if name == "c":
-            assert cache.get("a") is not None  # "a" is now more recent than "b"
         cache.put(name, torch.zeros(64))
-    assert set(cache.entries) == {"a", "c"} and cache.bytes == 2 * 64 * 4
-    cache.put("huge", torch.zeros(1000))
-    assert "huge" not in cache.entries
+    assert set(cache.entries) == {"a", "b"} and cache.bytes == 2 * 64 * 4
+    assert "b" in cache and "c" not in cache
+    assert cache.get("c") is None and cache.get("a") is not None
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+class FlaggedSamples:
+    """Stands in for a dataset whose workers leave out cached pixels: only its size and flags matter here."""
+
+    def __init__(self, count: int):
+        self.count, self.flags = count, None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def skip_cached_pixels(self, tag: int, flags: torch.Tensor) -> None:
+        self.flags = flags
+
+
+def test_samples_whose_tiles_are_cached_train_without_pixels_to_the_same_loss(tiny_native, random_lora_b):
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, vision_cache_mib=4), random_lora_b)
+    fast = model.get_base_model().forward
+    other, samples = FlaggedSamples(2), FlaggedSamples(len(SAMPLES))
+    fast.share_cached_samples(other, samples)
+    batch = padded_batch(model.config)
+    keys = tile_keys(batch["pixel_values"])  # samples 0 and 2 have 3 tiles each, sample 1 none
+    loaded = {**batch, "tile_keys": keys, "tile_sources": [(1, 0, True)] * 3 + [(1, 2, True)] * 3}
+    with torch.no_grad():
+        first = model(**loaded).loss
+        assert samples.flags.tolist() == [True, False, True] and not other.flags.any()
+        half = {**loaded, "pixel_values": batch["pixel_values"][3:],
+                "tile_sources": [(1, 0, False)] * 3 + [(1, 2, True)] * 3}
+        torch.testing.assert_close(model(**half).loss, first, rtol=0, atol=0)
+        bare = {key: value for key, value in loaded.items() if key != "pixel_values"}
+        bare["tile_sources"] = [(1, 0, False)] * 3 + [(1, 2, False)] * 3
+        torch.testing.assert_close(model(**bare).loss, first, rtol=0, atol=0)
+        assert fast.cache_stats()["tiles_without_pixels"] == 3 + 6
+        inner = model.get_base_model().model
+        inner.vision_tower.encoder.layer[0].mlp.fc1.weight.mul_(1.01)  # every cached row is stale now
+        with pytest.raises(RuntimeError, match="neither in the vision feature cache nor loaded"):
+            model(**bare)
 
 
 def test_cache_refuses_a_trainable_vision_tower(tiny_native):

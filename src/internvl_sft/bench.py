@@ -427,7 +427,7 @@ def run_mode(mode: str, model_dir: Path, cfg: TrainConfig, batches: list[dict], 
     result["precision"] = precision_name(dtype, master_weights)
     result["fast"] = dataclasses.asdict(cfg.fast)
     if fast is not None and fast.cache is not None:
-        result["vision_cache"] = fast.cache.stats()
+        result["vision_cache"] = fast.cache_stats()
     del model, optimizer, fast
     release_memory(device)
     return result, counts

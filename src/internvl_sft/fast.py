@@ -9,8 +9,9 @@ back-propagated for nothing. `FastForward` replaces the model's forward for call
   transformers' causal-LM loss), optionally a chunk at a time, each chunk's logits recomputed in backward;
 - the frozen part of the vision path (the vision tower, and the projector when it is frozen too) runs
   under torch.no_grad;
-- opt-in, that frozen part's output is cached per tile in CPU memory, keyed by the tile's pixels and the
-  frozen weights, and reused in later epochs;
+- opt-in, that frozen part's output is cached per tile in CPU memory, keyed by the image file's bytes, the
+  tiling and the frozen weights, and reused in later epochs, when the data-loader workers no longer load the
+  pixels of the samples it holds;
 - a right-padded batch reaches the language model without its padding mask: causal attention already keeps
   every real position from seeing the padding after it, and without a mask PyTorch's attention can run
   FlashAttention instead of a kernel that reads a mask.
@@ -23,7 +24,8 @@ DeepSpeed's engine all see one ordinary forward call: computing the loss from su
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
+import dataclasses
+import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -35,7 +37,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from internvl_sft.config import FastConfig
-from internvl_sft.data.dataset import content_digest
+from internvl_sft.data.dataset import SupervisedDataset, TileSource, content_digest
 from internvl_sft.data.template import IGNORE_INDEX
 
 MIB = 2**20
@@ -146,7 +148,10 @@ def has_dropout(module: nn.Module) -> bool:
 
 
 class FeatureCache:
-    """Tensors in CPU memory under string keys, at most `max_bytes` in all; the least recently used go first.
+    """Tensors in CPU memory under string keys, at most `max_bytes` in all: the first that fit stay for the run,
+    later ones are not kept. Training reads every tile once an epoch, in a new order each time; when not all fit,
+    dropping the least recently used would drop each entry before its next use, while keeping the first ones
+    hits on them every epoch.
 
     Values that come from a GPU are kept in page-locked memory and copied in both directions without waiting
     for the host: every copy is queued on the GPU's stream and no CPU code reads an entry (PyTorch's host
@@ -157,7 +162,7 @@ class FeatureCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.entries: dict[str, torch.Tensor] = {}
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -167,20 +172,19 @@ class FeatureCache:
         if entry is None:
             self.misses += 1
             return None
-        self.entries.move_to_end(key)
         self.hits += 1
         return entry
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
     def put(self, key: str, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
-        if size > self.max_bytes or key in self.entries:
+        if self.bytes + size > self.max_bytes or key in self.entries:
             return
         entry = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.is_cuda)
         self.entries[key] = entry.copy_(value.detach(), non_blocking=True)
         self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, evicted = self.entries.popitem(last=False)
-            self.bytes -= evicted.numel() * evicted.element_size()
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "entries": len(self.entries), "bytes": self.bytes}
@@ -212,6 +216,21 @@ class WeightsFingerprint:
         return self._digest
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """What a batch says of its tiles besides their pixels: each tile's cache key (None: never cached) and, from a
+    dataset whose workers leave out cached pixels (`FastForward.share_cached_samples`), each tile's source."""
+
+    keys: list[str | None] | None
+    sources: list[TileSource] | None = None
+
+    def loaded(self) -> list[bool]:
+        """Whether each tile has a row in the batch's pixel values (in tile order)."""
+        if self.sources is None:
+            return [True] * len(self.keys)
+        return [source[2] for source in self.sources]
+
+
 class FastForward:
     """The forward of an `InternVLForConditionalGeneration` with the fast path; calls without labels (e.g.
     generation) go to the original forward."""
@@ -224,8 +243,19 @@ class FastForward:
         self.original = model.forward
         self.cache = FeatureCache(cfg.vision_cache_mib * MIB) if cfg.vision_cache_mib else None
         self.fingerprints: dict[int, WeightsFingerprint] = {}
+        self.cached_samples: list[torch.Tensor] = []
+        self.tiles_without_pixels = 0
         if self.cache is not None:
             check_cacheable(model.model)
+
+    def share_cached_samples(self, *datasets: SupervisedDataset) -> None:
+        """Flag, in memory the data-loader workers share, each sample of the datasets whose every tile's features
+        the cache holds; the workers then leave out its pixels: no decoding, tiling or copy to the GPU, which in a
+        cached epoch are all the data pipeline does."""
+        for dataset in datasets:
+            flags = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
+            dataset.skip_cached_pixels(len(self.cached_samples), flags)
+            self.cached_samples.append(flags)
 
     def __call__(
         self,
@@ -233,7 +263,8 @@ class FastForward:
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        tile_keys: list[str] | None = None,
+        tile_keys: list[str | None] | None = None,
+        tile_sources: list[TileSource] | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -242,7 +273,7 @@ class FastForward:
                                  **kwargs)
         if kwargs:
             raise TypeError(f"the fast training forward takes no {', '.join(sorted(kwargs))}")
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, tile_keys)
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources))
         if self.cfg.answer_logits_only:
             loss = answer_loss(hidden, labels, self.model.lm_head, num_items_in_batch, self.cfg.logit_chunk_tokens)
             return CausalLMOutputWithPast(loss=loss)
@@ -256,55 +287,88 @@ class FastForward:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
-        tile_keys: list[str] | None,
+        tiles: Tiles,
     ) -> torch.Tensor:
         """The language model's last hidden states, image features placed at the image tokens."""
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            features = self.image_features(pixel_values, tile_keys).to(embeds.device, embeds.dtype)
+        if pixel_values is not None or tiles.keys:
+            features = self.image_features(pixel_values, tiles, embeds.device).to(embeds.device, embeds.dtype)
             embeds = place_image_features(embeds, input_ids == inner.config.image_token_id, features)
         if self.cfg.drop_padding_mask and is_right_padded(attention_mask):
             attention_mask = None
         return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
-    def image_features(self, pixel_values: torch.Tensor, tile_keys: list[str] | None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor | None, tiles: Tiles, device: torch.device) -> torch.Tensor:
         """Projected features of every tile: the frozen stages without autograd (or from the cache), then the
         trainable ones."""
         inner = self.model.model
         frozen = frozen_stage_count(inner) if self.cfg.frozen_vision_no_grad or self.cache else 0
-        if self.cache is not None and tile_keys is not None and frozen:
-            values = self.cached_stages(pixel_values, tile_keys, frozen)
+        if self.cache is not None and tiles.keys is not None and frozen:
+            values = self.cached_stages(pixel_values, tiles, frozen, device)
         else:
             with torch.no_grad() if frozen else contextlib.nullcontext():
                 values = run_stages(inner, pixel_values, 0, frozen)
         return run_stages(inner, values, frozen, len(VISION_STAGES))
 
-    def cached_stages(self, pixel_values: torch.Tensor, tile_keys: list[str], frozen: int) -> torch.Tensor:
-        """The output of the first `frozen` stages per tile, computed only for tiles not in the cache; rows are
-        copied between the cache and the device one by one, asynchronously (`FeatureCache`)."""
-        if len(tile_keys) != len(pixel_values):
-            raise ValueError(f"{len(tile_keys)} tile keys for {len(pixel_values)} tiles")
+    def cached_stages(self, pixel_values: torch.Tensor | None, tiles: Tiles, frozen: int,
+                      device: torch.device) -> torch.Tensor:
+        """The output of the first `frozen` stages per tile, computed only for tiles not in the cache (from their
+        pixels, which a batch carries for every tile not known to be cached); rows are copied between the cache
+        and the device one by one, asynchronously (`FeatureCache`)."""
+        loaded = tiles.loaded()
+        self.tiles_without_pixels += len(loaded) - sum(loaded)
+        if sum(loaded) != (0 if pixel_values is None else len(pixel_values)):
+            raise ValueError(f"{sum(loaded)} tiles with pixels for {0 if pixel_values is None else len(pixel_values)}"
+                             " rows of pixel values")
         prefix = f"{frozen}:{self.fingerprint(frozen)}:"
-        keys = [prefix + key for key in tile_keys]
-        found = [self.cache.get(key) for key in keys]
+        keys = [None if key is None else prefix + key for key in tiles.keys]
+        found = [None if key is None else self.cache.get(key) for key in keys]
         missing = [index for index, value in enumerate(found) if value is None]
-        hits = [index for index, value in enumerate(found) if value is not None]
-        fresh = None
-        if missing:
-            with torch.no_grad():
-                fresh = run_stages(self.model.model, pixel_values[missing], 0, frozen)
+        fresh = self.compute_missing(pixel_values, loaded, missing, frozen)
+        if fresh is not None:
             for index, row in zip(missing, fresh):
-                self.cache.put(keys[index], row)
+                if keys[index] is not None:
+                    self.cache.put(keys[index], row)
+        self.flag_cached_samples(tiles, keys)
+        hits = [index for index, value in enumerate(found) if value is not None]
         if not hits:
             return fresh
         first = found[hits[0]]
-        values = torch.empty((len(keys), *first.shape), dtype=first.dtype, device=pixel_values.device)
+        values = torch.empty((len(keys), *first.shape), dtype=first.dtype, device=device)
         for index in hits:
             values[index].copy_(found[index], non_blocking=True)
         if fresh is not None:
             values[missing] = fresh.to(first.dtype)
         return values
+
+    def compute_missing(self, pixel_values: torch.Tensor | None, loaded: list[bool], missing: list[int],
+                        frozen: int) -> torch.Tensor | None:
+        """The frozen stages' output for the `missing` tiles, from their rows of `pixel_values`."""
+        if not missing:
+            return None
+        lost = [index for index in missing if not loaded[index]]
+        if lost:
+            raise RuntimeError(f"{len(lost)} tile(s) of a batch are neither in the vision feature cache nor loaded: "
+                               "the cache drops nothing, so an image or the frozen weights changed during the run")
+        rows = list(itertools.accumulate(loaded))  # a loaded tile's row of pixel values, plus one
+        with torch.no_grad():
+            return run_stages(self.model.model, pixel_values[[rows[index] - 1 for index in missing]], 0, frozen)
+
+    def flag_cached_samples(self, tiles: Tiles, keys: list[str | None]) -> None:
+        """Set the shared flag of every sample of the batch whose tiles are all in the cache now."""
+        if tiles.sources is None:
+            return
+        complete: dict[tuple[int, int], bool] = {}
+        for (dataset, sample, _), key in zip(tiles.sources, keys):
+            complete[dataset, sample] = complete.get((dataset, sample), True) and key is not None and key in self.cache
+        for (dataset, sample), cached in complete.items():
+            if cached:
+                self.cached_samples[dataset][sample] = True
+
+    def cache_stats(self) -> dict[str, int]:
+        """The cache's use, and how many tiles came without pixels because it held their features."""
+        return {**self.cache.stats(), "tiles_without_pixels": self.tiles_without_pixels}
 
     def fingerprint(self, frozen: int) -> str:
         if frozen not in self.fingerprints:

@@ -2,8 +2,9 @@
 
 `collate` builds the keyword arguments of `InternVLForConditionalGeneration.forward`: right-padded
 `input_ids` / `labels` / `attention_mask` and, when the batch has images, all tiles concatenated in sample
-order, which is the order of the image tokens in the flattened batch (and, for the vision feature cache of
-the fast training path, one key per tile in that order).
+order, which is the order of the image tokens in the flattened batch. For the vision feature cache of the fast
+training path it adds one key and one source per tile in that order; the pixels of a sample whose tiles the
+cache holds are then left out.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from internvl_sft.data.tiling import dynamic_tiles, jpeg_degrade, tile_count, to
 
 # JPEG qualities drawn from when a dataset sets data_augment, as upstream.
 JPEG_QUALITIES = (75, 100)
+
+# Where a tile of a batch comes from: (dataset tag, sample index, whether the batch carries its pixels).
+TileSource = tuple[int, int, bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,7 @@ class TooLong(DataError):
 
 class SupervisedDataset(Dataset):
     """Checked samples as dicts of input_ids, labels, pixel_values (or None), num_tiles and, with `tile_keys`,
-    a content key per tile.
+    a content key and a `TileSource` per tile. A sample flagged by `skip_cached_pixels` comes without pixels.
 
     Every sample is measured when the dataset is built, from image headers and the tokenizer only, so a
     sample that cannot fit max_seq_length fails before training starts, and `lengths` is exact. A sample is
@@ -107,6 +111,15 @@ class SupervisedDataset(Dataset):
         self.tile_keys = tile_keys
         self.image_end_id = token_id(tokenizer, IMG_END)
         self.samples, self._lengths = self.measure(list(samples))
+        self.tag = 0
+        self.pixels_cached: torch.Tensor | None = None
+
+    def skip_cached_pixels(self, tag: int, flags: torch.Tensor) -> None:
+        """Leave out the pixels of each sample whose flag is set: the vision feature cache, which sets them in
+        shared memory, holds all its tiles. `tag` names this dataset in the tiles' sources."""
+        if not self.tile_keys:
+            raise ValueError("only a dataset with tile keys can leave out cached pixels")
+        self.tag, self.pixels_cached = tag, flags
 
     @property
     def lengths(self) -> list[int]:
@@ -118,32 +131,55 @@ class SupervisedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
+            position = (index + offset) % len(self.samples)
+            sample = self.samples[position]
             try:
-                return self.item(sample)
+                return self.item(position)
             except (ImageProblem, DataError) as err:
                 warnings.warn(f"{sample.where}: {err}; sample skipped, the next one stands in", stacklevel=2)
         raise DataError([f"none of the {len(self.samples)} samples can be loaded any more"])
 
-    def item(self, sample: Sample) -> dict:
+    def item(self, position: int) -> dict:
+        sample = self.samples[position]
+        if self.pixels_cached is not None and bool(self.pixels_cached[position]):
+            return self.item_without_pixels(position, sample)
         tiles_per_image = [self.image_tiles(load_image(path), sample) for path in sample.images]
-        encoded = self.encode(sample, [len(tiles) for tiles in tiles_per_image])
+        counts = [len(tiles) for tiles in tiles_per_image]
         tiles = [tile for tiles in tiles_per_image for tile in tiles]
         if sample.data_augment:
             tiles = [jpeg_degrade(tile, random_jpeg_quality()) for tile in tiles]
+        pixel_values = to_pixel_values(tiles, self.tiling.tile_size) if tiles else None
+        return self.assemble(position, sample, counts, pixel_values)
+
+    def item_without_pixels(self, position: int, sample: Sample) -> dict:
+        """The item of a sample whose tiles the vision feature cache holds: tile counts from the image headers."""
+        counts = [self.count_tiles(path, sample) for path in sample.images]
+        return self.assemble(position, sample, counts, None)
+
+    def assemble(self, position: int, sample: Sample, counts: list[int], pixel_values: torch.Tensor | None) -> dict:
+        encoded = self.encode(sample, counts)
         item = {
             "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
             "labels": torch.tensor(encoded.labels, dtype=torch.long),
-            "pixel_values": to_pixel_values(tiles, self.tiling.tile_size) if tiles else None,
-            "num_tiles": len(tiles),
+            "pixel_values": pixel_values,
+            "num_tiles": sum(counts),
         }
         if self.tile_keys:
-            item["tile_keys"] = [self.tile_key(tile) for tile in tiles]
+            item["tile_keys"] = self.sample_tile_keys(sample, counts)
+            item["tile_source"] = (self.tag, position, pixel_values is not None)
         return item
 
-    def tile_key(self, tile: Image.Image) -> str:
-        """A hash of the tile's pixels (after tiling and augmentation) and of the size it is resized to."""
-        return content_digest((tile.mode, f"{tile.size}->{self.tiling.tile_size}", tile.tobytes()))
+    def sample_tile_keys(self, sample: Sample, counts: list[int]) -> list[str | None]:
+        """A key per tile: a hash of its image file's bytes and of how the image is tiled, with the tile's place.
+        Computed without decoding the image, so a sample whose pixels are left out still has its keys. An augmented
+        sample's tiles change every time they are drawn: no keys."""
+        if sample.data_augment:
+            return [None] * sum(counts)
+        keys = []
+        for path, count in zip(sample.images, counts):
+            image = content_digest((Path(path).read_bytes(), repr(self.tiling), repr(self.tiling.options(sample))))
+            keys += [f"{image}:{index}" for index in range(count)]
+        return keys
 
     def image_tiles(self, image: Image.Image, sample: Sample) -> list[Image.Image]:
         return self.tiling.tiles(image, len(sample.images), sample.max_dynamic_patch)
@@ -224,7 +260,7 @@ def random_jpeg_quality() -> int:
 
 
 def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; `pixel_values` (all tiles, sample order) only when some sample has images."""
+    """Right-pad a batch; `pixel_values` (tiles in sample order) only when some sample carries pixels."""
     if pad_token_id is None:
         raise ValueError("collate needs a pad token id, but the tokenizer defines no pad token")
     longest = max(len(item["input_ids"]) for item in batch)
@@ -240,8 +276,9 @@ def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tens
     tiles = [item["pixel_values"] for item in batch if item.get("pixel_values") is not None]
     if tiles:
         collated["pixel_values"] = torch.cat(tiles)
-    if tiles and all("tile_keys" in item for item in batch):
+    if any(item["num_tiles"] for item in batch) and all("tile_keys" in item for item in batch):
         collated["tile_keys"] = [key for item in batch for key in item["tile_keys"]]
+        collated["tile_sources"] = [item["tile_source"] for item in batch for _ in range(item["num_tiles"])]
     return collated
 
 

@@ -422,7 +422,7 @@ def run_summary(metrics: dict, trainer: InternVLTrainer, fast: FastForward | Non
         "peak_gpu_memory_gib_rank0": peak_gpu_memory_gib(),
     }
     if fast is not None and fast.cache is not None:
-        summary["vision_cache_rank0"] = fast.cache.stats()
+        summary["vision_cache_rank0"] = fast.cache_stats()
     return summary
 
 
@@ -463,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     join_process_group(training_args)
     model = prepare_for_training(load_model(args.model, dtype), params.train)
     fast = install_fast_path(model, params.train.fast)
+    if fast is not None and fast.cache is not None:
+        fast.share_cached_samples(train_set, val_set)
     print(trainable_summary(model), describe(params.train.fast), sep="\n", flush=True)
     timer, clock = StepTimer(), EpochClock()
     stop = [StopAfterEpochs(params.train.stop_after_epochs)] if params.train.stop_after_epochs else []
