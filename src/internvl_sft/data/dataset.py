@@ -81,7 +81,8 @@ class TooLong(DataError):
 
 class SupervisedDataset(Dataset):
     """Checked samples as dicts of input_ids, labels, pixel_values (or None), num_tiles and, with `tile_keys`,
-    a content key and a `TileSource` per tile. A sample flagged by `skip_cached_pixels` comes without pixels.
+    a content key per tile. After `skip_cached_pixels`, a sample's item also tells its `TileSource`, and a
+    flagged sample comes without pixels.
 
     Every sample is measured when the dataset is built, from image headers and the tokenizer only, so a
     sample that cannot fit max_seq_length fails before training starts, and `lengths` is exact. A sample is
@@ -112,7 +113,7 @@ class SupervisedDataset(Dataset):
         self.image_end_id = token_id(tokenizer, IMG_END)
         self.samples, self._lengths = self.measure(list(samples))
         self.tag = 0
-        self.pixels_cached: torch.Tensor | None = None
+        self.pixels_cached: torch.Tensor | None = None  # set by skip_cached_pixels
 
     def skip_cached_pixels(self, tag: int, flags: torch.Tensor) -> None:
         """Leave out the pixels of each sample whose flag is set: the vision feature cache, which sets them in
@@ -166,6 +167,7 @@ class SupervisedDataset(Dataset):
         }
         if self.tile_keys:
             item["tile_keys"] = self.sample_tile_keys(sample, counts)
+        if self.pixels_cached is not None:
             item["tile_source"] = (self.tag, position, pixel_values is not None)
         return item
 
@@ -278,6 +280,7 @@ def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tens
         collated["pixel_values"] = torch.cat(tiles)
     if any(item["num_tiles"] for item in batch) and all("tile_keys" in item for item in batch):
         collated["tile_keys"] = [key for item in batch for key in item["tile_keys"]]
+    if "tile_keys" in collated and all("tile_source" in item for item in batch):
         collated["tile_sources"] = [item["tile_source"] for item in batch for _ in range(item["num_tiles"])]
     return collated
 
