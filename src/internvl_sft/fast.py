@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -318,9 +317,9 @@ class FastForward:
         and the device one by one, asynchronously (`FeatureCache`)."""
         loaded = tiles.loaded()
         self.tiles_without_pixels += len(loaded) - sum(loaded)
-        if sum(loaded) != (0 if pixel_values is None else len(pixel_values)):
-            raise ValueError(f"{sum(loaded)} tiles with pixels for {0 if pixel_values is None else len(pixel_values)}"
-                             " rows of pixel values")
+        pixel_rows = 0 if pixel_values is None else len(pixel_values)
+        if sum(loaded) != pixel_rows:
+            raise ValueError(f"{sum(loaded)} tiles with pixels for {pixel_rows} rows of pixel values")
         prefix = f"{frozen}:{self.fingerprint(frozen)}:"
         keys = [None if key is None else prefix + key for key in tiles.keys]
         found = [None if key is None else self.cache.get(key) for key in keys]
@@ -351,20 +350,19 @@ class FastForward:
         if lost:
             raise RuntimeError(f"{len(lost)} tile(s) of a batch are neither in the vision feature cache nor loaded: "
                                "the cache drops nothing, so an image or the frozen weights changed during the run")
-        rows = list(itertools.accumulate(loaded))  # a loaded tile's row of pixel values, plus one
+        row_of_tile = {tile: row for row, tile in enumerate(index for index, has in enumerate(loaded) if has)}
         with torch.no_grad():
-            return run_stages(self.model.model, pixel_values[[rows[index] - 1 for index in missing]], 0, frozen)
+            return run_stages(self.model.model, pixel_values[[row_of_tile[index] for index in missing]], 0, frozen)
 
     def flag_cached_samples(self, tiles: Tiles, keys: list[str | None]) -> None:
         """Set the shared flag of every sample of the batch whose tiles are all in the cache now."""
         if tiles.sources is None:
             return
-        complete: dict[tuple[int, int], bool] = {}
-        for (dataset, sample, _), key in zip(tiles.sources, keys):
-            complete[dataset, sample] = complete.get((dataset, sample), True) and key is not None and key in self.cache
-        for (dataset, sample), cached in complete.items():
-            if cached:
-                self.cached_samples[dataset][sample] = True
+        samples = {(dataset, sample) for dataset, sample, _ in tiles.sources}
+        incomplete = {(dataset, sample) for (dataset, sample, _), key in zip(tiles.sources, keys)
+                      if key is None or key not in self.cache}
+        for dataset, sample in samples - incomplete:
+            self.cached_samples[dataset][sample] = True
 
     def cache_stats(self) -> dict[str, int]:
         """The cache's use, and how many tiles came without pixels because it held their features."""
