@@ -1,6 +1,7 @@
 """The fast training forward gives the stock loss and gradients; the vision feature cache hits and misses."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -227,10 +228,11 @@ def test_cache_keeps_the_first_entries_that_fit_and_no_later_ones():
 
 
 class FlaggedSamples:
-    """Stands in for a dataset whose workers leave out cached pixels: only its size and flags matter here."""
+    """Stands in for a dataset whose workers leave out cached pixels: its size, flags and samples' places."""
 
     def __init__(self, count: int):
         self.count, self.flags = count, None
+        self.samples = [types.SimpleNamespace(where=f"ui.jsonl:{line}") for line in range(1, count + 1)]
 
     def __len__(self) -> int:
         return self.count
@@ -259,7 +261,7 @@ def test_samples_whose_tiles_are_cached_train_without_pixels_to_the_same_loss(ti
         assert fast.cache_stats()["tiles_without_pixels"] == 3 + 6
         inner = model.get_base_model().model
         inner.vision_tower.encoder.layer[0].mlp.fc1.weight.mul_(1.01)  # every cached row is stale now
-        with pytest.raises(RuntimeError, match="neither in the vision feature cache nor loaded"):
+        with pytest.raises(RuntimeError, match="ui.jsonl:1: 6 tile.* neither in the vision feature cache nor loaded"):
             model(**bare)
 
 

@@ -243,6 +243,7 @@ class FastForward:
         self.cache = FeatureCache(cfg.vision_cache_mib * MIB) if cfg.vision_cache_mib else None
         self.fingerprints: dict[int, WeightsFingerprint] = {}
         self.cached_samples: list[torch.Tensor] = []
+        self.flagged_datasets: list[SupervisedDataset] = []
         self.tiles_without_pixels = 0
         if self.cache is not None:
             check_cacheable(model.model)
@@ -255,6 +256,7 @@ class FastForward:
             flags = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
             dataset.skip_cached_pixels(len(self.cached_samples), flags)
             self.cached_samples.append(flags)
+            self.flagged_datasets.append(dataset)
 
     def __call__(
         self,
@@ -324,7 +326,7 @@ class FastForward:
         keys = [None if key is None else prefix + key for key in tiles.keys]
         found = [None if key is None else self.cache.get(key) for key in keys]
         missing = [index for index, value in enumerate(found) if value is None]
-        fresh = self.compute_missing(pixel_values, loaded, missing, frozen)
+        fresh = self.compute_missing(pixel_values, tiles, missing, frozen)
         if fresh is not None:
             for index, row in zip(missing, fresh):
                 if keys[index] is not None:
@@ -341,15 +343,18 @@ class FastForward:
             values[missing] = fresh.to(first.dtype)
         return values
 
-    def compute_missing(self, pixel_values: torch.Tensor | None, loaded: list[bool], missing: list[int],
+    def compute_missing(self, pixel_values: torch.Tensor | None, tiles: Tiles, missing: list[int],
                         frozen: int) -> torch.Tensor | None:
         """The frozen stages' output for the `missing` tiles, from their rows of `pixel_values`."""
         if not missing:
             return None
+        loaded = tiles.loaded()
         lost = [index for index in missing if not loaded[index]]
         if lost:
-            raise RuntimeError(f"{len(lost)} tile(s) of a batch are neither in the vision feature cache nor loaded: "
-                               "the cache drops nothing, so an image or the frozen weights changed during the run")
+            dataset, sample, _ = tiles.sources[lost[0]]
+            raise RuntimeError(f"{self.flagged_datasets[dataset].samples[sample].where}: {len(lost)} tile(s) of a "
+                               "batch are neither in the vision feature cache nor loaded: the cache drops nothing, so "
+                               "an image or the frozen weights changed during the run")
         row_of_tile = {tile: row for row, tile in enumerate(index for index, has in enumerate(loaded) if has)}
         with torch.no_grad():
             return run_stages(self.model.model, pixel_values[[row_of_tile[index] for index in missing]], 0, frozen)
