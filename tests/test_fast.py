@@ -18,6 +18,7 @@ from internvl_sft.fast import (
     describe,
     install_fast_path,
     is_right_padded,
+    pad_positions,
     run_stages,
     tensor_bytes,
 )
@@ -217,6 +218,34 @@ def test_cache_on_a_gpu_holds_page_locked_rows_and_returns_them_unchanged(tiny_n
     torch.testing.assert_close(mixed[2:3], recomputed, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lora_b):
+    """SGD steps over batches of two lengths, each length recorded once and then replayed: the same losses and
+    LoRA weights as the compiled blocks launching their kernels one by one."""
+    runs = []
+    for graphs in (False, True):
+        fast = dataclasses.replace(FAST, compile=True, cuda_graphs=graphs, cuda_graph_length_multiple=16)
+        model = training_model(tiny_native, LORA, fast, random_lora_b).cuda()
+        batch = padded_batch(model.config)
+        shorter = {key: value if key == "pixel_values" else value[[0, 2], :-5] for key, value in batch.items()}
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trained, lr=0.5)
+        losses = []
+        for step in (batch, shorter, batch, shorter, batch):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(**{key: value.cuda() for key, value in step.items()}).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().cpu() for p in trained]))
+    assert counters["inductor"]["cudagraph_skips"] == 0 and counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    (plain_losses, plain_weights), (graph_losses, graph_weights) = runs
+    torch.testing.assert_close(graph_losses, plain_losses, rtol=1e-5, atol=1e-5)
+    for graph_weight, plain_weight in zip(graph_weights, plain_weights):
+        assert_close_to_scale(graph_weight, plain_weight, "LoRA weight")
+
+
 def test_cache_keeps_the_first_entries_that_fit_and_no_later_ones():
     cache = FeatureCache(max_bytes=2 * 64 * 4)
     for name in "abc":
@@ -352,6 +381,33 @@ def test_padding_mask_is_dropped_only_for_right_padded_batches(tiny_native, rand
             torch.testing.assert_close(model(**batch).loss, stock(**right).loss, rtol=1e-6, atol=1e-6)
 
 
+def test_positions_are_padded_to_a_multiple_with_zeros():
+    embeds = torch.randn(2, 70, 8)
+    padded = pad_positions(embeds, 64)
+    assert padded.shape == (2, 128, 8)
+    torch.testing.assert_close(padded[:, :70], embeds)
+    assert not padded[:, 70:].any()
+    assert pad_positions(padded, 64) is padded
+
+
+def test_padding_for_cuda_graphs_leaves_loss_and_gradients_alone(tiny_native, random_lora_b):
+    """Zero positions appended behind right-padded samples: the language model sees a longer batch, the loss and
+    gradients are those of the unpadded one (on a CPU the blocks are not compiled here, only padded)."""
+    padding = dataclasses.replace(FAST, cuda_graphs=True, cuda_graph_length_multiple=64)
+    model = training_model(tiny_native, LORA, padding, random_lora_b)
+    batch = padded_batch(model.config)
+    seen = []
+    language_model = model.get_base_model().model.language_model
+    language_model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]),
+                                             with_kwargs=True)
+    loss, grads = loss_and_grads(model, batch)
+    assert seen[0].shape[1] == 64 * -(-batch["input_ids"].shape[1] // 64) > batch["input_ids"].shape[1]
+    plain_loss, plain_grads = loss_and_grads(training_model(tiny_native, LORA, FAST, random_lora_b), batch)
+    assert_close_to_scale(loss, plain_loss, "loss")
+    for name, grad in plain_grads.items():
+        assert_close_to_scale(grads[name], grad, name)
+
+
 def one_sgd_step(tiny_native, fast: FastConfig, batch: dict, tmp_path, random_lora_b) -> dict[str, torch.Tensor]:
     """LoRA weights after one Trainer step of SGD over two accumulated micro-batches (loss scaling matters)."""
     model = training_model(tiny_native, LORA, fast, random_lora_b)
@@ -406,3 +462,41 @@ def test_compiled_blocks_take_other_batch_and_sequence_sizes_without_compiling_a
         after_evaluation = counters["stats"]["unique_graphs"]
         model(**shorter)
     assert counters["stats"]["unique_graphs"] == after_evaluation == compiled + 1  # + the variant without autograd
+
+
+def test_compiled_vision_blocks_take_a_single_tile_without_compiling_again(tiny_native, random_lora_b):
+    torch._dynamo.reset()  # no graph compiled by another test serves this one
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, compile=True), random_lora_b)
+    batch = padded_batch(model.config)
+    loss_and_grads(model, batch)
+    compiled = counters["stats"]["unique_graphs"]
+    length = int(batch["attention_mask"][:2].sum(dim=1).max())
+    input_ids = batch["input_ids"][:2, :length].clone()
+    image_positions = (input_ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    input_ids[0, image_positions[len(image_positions) // 3:]] = 1  # text instead of sample 0's last two tiles
+    one_tile = {"input_ids": input_ids, "labels": batch["labels"][:2, :length],
+                "attention_mask": batch["attention_mask"][:2, :length], "pixel_values": batch["pixel_values"][:1]}
+    loss, grads = loss_and_grads(model, one_tile)
+    plain_loss, plain_grads = loss_and_grads(training_model(tiny_native, LORA, FAST, random_lora_b), one_tile)
+    assert counters["stats"]["unique_graphs"] == compiled  # a batch of one tile was not compiled apart
+    assert_close_to_scale(loss, plain_loss, "loss")
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()), msg=name)
+
+
+def test_evaluation_compiles_only_the_language_blocks_again(tiny_native, random_lora_b):
+    """The frozen vision tower (no dropout) stays in evaluation mode, so its compiled blocks serve evaluation too;
+    the language blocks get their variant without autograd."""
+    torch._dynamo.reset()  # no graph compiled by another test serves this one
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, compile=True), random_lora_b)
+    batch = padded_batch(model.config)
+    model.train()
+    loss_and_grads(model, batch)
+    compiled = counters["stats"]["unique_graphs"]
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    assert counters["stats"]["unique_graphs"] == compiled + 1
+    model.train()
+    assert not model.get_base_model().model.vision_tower.training
+    assert model.get_base_model().model.language_model.training

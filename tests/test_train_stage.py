@@ -98,3 +98,18 @@ def test_the_length_grouped_order_depends_on_the_seed_and_epoch_only():
     torch.manual_seed(123)  # the process's generator plays no part
     assert list(again) == list(sampler)
     assert list(train.EpochSeededLengthSampler(2, lengths, seed=4)) != first
+
+
+def test_cuda_graphs_are_refused_with_every_unmet_need_named(monkeypatch):
+    cfg = train.load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
+    graphs = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, compile=True, cuda_graphs=True),
+                                 global_batch_size=16, per_device_batch_size=16, deepspeed="none")
+    train.check_combination(graphs)
+    uncompiled = dataclasses.replace(graphs, fast=dataclasses.replace(graphs.fast, compile=False),
+                                     per_device_batch_size=8, grad_checkpoint=True)
+    with pytest.raises(SystemExit, match=r"cuda_graphs needs compile: true; grad_checkpoint: false; no gradient "
+                                         r"accumulation \(per_device_batch_size = global_batch_size\)$"):
+        train.check_combination(uncompiled)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="cuda_graphs needs deepspeed: none; one process; no gradient accumulation"):
+        train.check_combination(dataclasses.replace(graphs, per_device_batch_size=4, deepspeed="zero1"))

@@ -113,6 +113,8 @@ class FastConfig:
     frozen_vision_no_grad: bool = True
     vision_cache_mib: int = 0
     compile: bool = False
+    cuda_graphs: bool = False
+    cuda_graph_length_multiple: int = 64
     sdpa_without_cudnn: bool = True
     drop_padding_mask: bool = True
 

@@ -237,6 +237,8 @@ class FastForward:
     def __init__(self, model: PreTrainedModel, cfg: FastConfig):
         if cfg.logit_chunk_tokens < 0 or cfg.vision_cache_mib < 0:
             raise ValueError("params: train: fast: logit_chunk_tokens and vision_cache_mib must be >= 0")
+        if cfg.cuda_graph_length_multiple < 1:
+            raise ValueError("params: train: fast: cuda_graph_length_multiple must be >= 1")
         self.model = model
         self.cfg = cfg
         self.original = model.forward
@@ -274,6 +276,8 @@ class FastForward:
                                  **kwargs)
         if kwargs:
             raise TypeError(f"the fast training forward takes no {', '.join(sorted(kwargs))}")
+        if self.cfg.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused now
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources))
         if self.cfg.answer_logits_only:
             loss = answer_loss(hidden, labels, self.model.lm_head, num_items_in_batch, self.cfg.logit_chunk_tokens)
@@ -298,7 +302,10 @@ class FastForward:
             embeds = place_image_features(embeds, input_ids == inner.config.image_token_id, features)
         if self.cfg.drop_padding_mask and is_right_padded(attention_mask):
             attention_mask = None
-        return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        length = embeds.shape[1]
+        if self.cfg.cuda_graphs and attention_mask is None:
+            embeds = pad_positions(embeds, self.cfg.cuda_graph_length_multiple)
+        return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state[:, :length]
 
     def image_features(self, pixel_values: torch.Tensor | None, tiles: Tiles, device: torch.device) -> torch.Tensor:
         """Projected features of every tile: the frozen stages without autograd (or from the cache), then the
@@ -390,7 +397,7 @@ def describe(cfg: FastConfig) -> str:
     if cfg.vision_cache_mib:
         parts.append(f"vision feature cache of {cfg.vision_cache_mib} MiB")
     if cfg.compile:
-        parts.append("transformer blocks compiled")
+        parts.append("transformer blocks compiled" + (", language blocks as CUDA graphs" if cfg.cuda_graphs else ""))
     if cfg.sdpa_without_cudnn:
         parts.append("attention without cuDNN's kernels")
     if cfg.drop_padding_mask:
@@ -404,6 +411,14 @@ def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
     if attention_mask is None:
         return True
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def pad_positions(embeds: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`embeds` (batch, positions, width) with zero rows appended up to a multiple of `multiple` positions. Behind
+    every sample under causal attention without a mask, they change no real position's output; batches then come
+    in a few lengths, and CUDA graphs are recorded once per length."""
+    extra = -embeds.shape[1] % multiple
+    return F.pad(embeds, (0, 0, 0, extra)) if extra else embeds
 
 
 def place_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -430,14 +445,22 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> int:
     """torch.compile each transformer block of the language model and of the vision tower (blocks of one kind
     share their compiled code); returns how many. Fuses the element-wise work around the matrix products
-    (norms, activations, rotary embeddings, LoRA scaling), not exact to the last bit."""
+    (norms, activations, rotary embeddings, LoRA scaling), not exact to the last bit. With `cuda_graphs` the
+    language blocks' kernels, forward and backward, are recorded as CUDA graphs (one set per batch shape) and
+    replayed with a single launch each: once the vision cache holds every tile, launching those kernels one by
+    one from Python took the 1B recipe's step about twice its GPU time. The vision blocks, which run once per
+    tile with ever-changing tile counts, stay without."""
     inner = unwrap(model).model
     allow_block_variants()
+    compile_sizes_of_one_generically()
+    if is_frozen(inner.vision_tower) and not has_dropout(inner.vision_tower):
+        hold_in_eval_mode(inner.vision_tower)
+    language_mode = "reduce-overhead" if cuda_graphs else None
     for block in inner.language_model.layers:
-        compile_with_dynamic_dims(block, LANGUAGE_DYNAMIC_DIMS)
+        compile_with_dynamic_dims(block, LANGUAGE_DYNAMIC_DIMS, language_mode)
     for block in inner.vision_tower.encoder.layer:
         compile_with_dynamic_dims(block, VISION_DYNAMIC_DIMS)
     return len(inner.language_model.layers) + len(inner.vision_tower.encoder.layer)
@@ -449,17 +472,25 @@ LANGUAGE_DYNAMIC_DIMS = (0, 1)
 VISION_DYNAMIC_DIMS = (0,)
 
 
-def compile_with_dynamic_dims(block: nn.Module, dims: tuple[int, ...]) -> None:
+def hold_in_eval_mode(module: nn.Module) -> None:
+    """Put `module` in evaluation mode for good: `train()` on it, or on a model holding it, leaves it there. For
+    a frozen module without dropout, whose output does not depend on the mode; its compiled blocks read the mode
+    (attention passes a dropout rate only in training), and evaluation would otherwise compile them again."""
+    module.eval()
+    module.train = lambda mode=True: module
+
+
+def compile_with_dynamic_dims(block: nn.Module, dims: tuple[int, ...], mode: str | None = None) -> None:
     """`block.compile()`, with `dims` of every tensor argument compiled as symbolic sizes from the first call on.
     Left to itself, torch.compile specialises a block to the first batch's sizes and compiles it again for the
     second batch's, then for the last, shorter batch: on the 1B recipe each compilation of the language block took
     about 28 s of the first epoch. Every tensor that shares a size must be marked, or the unmarked one pins it."""
-    compiled = torch.compile(block._call_impl)
+    compiled = torch.compile(block._call_impl, mode=mode)
 
     def call(*args, **kwargs):
         for tensor in tensor_arguments((args, kwargs)):
             for dim in dims:
-                if dim < tensor.dim():
+                if dim < tensor.dim() and tensor.shape[dim] != 1:  # a size of one broadcasts: it stays fixed
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         return compiled(*args, **kwargs)
 
@@ -490,6 +521,16 @@ def allow_block_variants() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
 
 
+def compile_sizes_of_one_generically() -> None:
+    """Let a graph compiled for symbolic sizes serve sizes of one too (a process-wide setting). By default a
+    symbolic size is assumed to be at least 2, and a vision batch of one tile (common in the first epoch with the
+    vision cache, once a batch's other tiles are cached) compiled the vision block again: 16 s on the 1B recipe.
+    Size-oblivious reasoning drops that assumption; a block broadcasts nothing along the dimensions compiled as
+    symbolic, so the graph is the same. (A language block trained on one sample still compiles apart: Inductor's
+    rewriting of the backward graph checks the batch size.)"""
+    torch.fx.experimental._config.backed_size_oblivious = True
+
+
 def choose_attention_kernels(cfg: FastConfig) -> None:
     """Let PyTorch's scaled-dot-product attention use cuDNN's kernels only when `sdpa_without_cudnn` is off (a
     process-wide setting). On Hopper GPUs PyTorch prefers cuDNN's attention, which builds an execution plan for
@@ -504,7 +545,7 @@ def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
     switch is off (the stock path)."""
     choose_attention_kernels(cfg)
     if cfg.compile:
-        compile_blocks(model)
+        compile_blocks(model, cfg.cuda_graphs)
     if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib or cfg.drop_padding_mask):
         return None
     base = unwrap(model)

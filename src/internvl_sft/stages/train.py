@@ -73,6 +73,25 @@ def check_combination(cfg: TrainConfig) -> None:
     if cfg.fast.compile and cfg.deepspeed == "zero3":
         raise SystemExit("params: train: fast: compile is not supported with deepspeed: zero3 (its per-module "
                          "parameter gathering runs inside the blocks); use zero1 or zero2, or compile: false")
+    if cfg.fast.cuda_graphs:
+        check_cuda_graphs(cfg)
+
+
+def check_cuda_graphs(cfg: TrainConfig) -> None:
+    """CUDA graphs write each step's gradients into memory the next step's replay reuses: only where nothing
+    holds a gradient across steps or hooks into the backward pass, and only over compiled blocks."""
+    accumulation = gradient_accumulation(cfg.global_batch_size, cfg.per_device_batch_size, world_size())
+    needs = {
+        "compile: true": cfg.fast.compile,
+        "drop_padding_mask: true (batches padded to a few lengths)": cfg.fast.drop_padding_mask,
+        "grad_checkpoint: false": not cfg.grad_checkpoint,
+        "deepspeed: none": cfg.deepspeed == "none",
+        "one process": world_size() == 1,
+        "no gradient accumulation (per_device_batch_size = global_batch_size)": accumulation == 1,
+    }
+    unmet = [need for need, met in needs.items() if not met]
+    if unmet:
+        raise SystemExit(f"params: train: fast: cuda_graphs needs {'; '.join(unmet)}")
 
 
 def world_size() -> int:
