@@ -45,8 +45,12 @@ def test_reference_is_the_seed_recipe_and_fast_its_fast_path(recipe):
     assert reference.freeze_llm and reference.freeze_mlp and reference.freeze_backbone
     assert fast.fast.answer_logits_only and fast.fast.frozen_vision_no_grad and fast.grad_checkpoint
     assert fast.llm_lora == reference.llm_lora
-    off = mode_configs(parse_args(["--fast-grad-checkpoint", "off", "--logit-chunk-tokens", "64"]), recipe.train)
+    off = mode_configs(parse_args(["--fast-grad-checkpoint", "off", "--logit-chunk-tokens", "64", "--compile", "on",
+                                   "--cuda-graphs", "on"]), recipe.train)
     assert not off["fast"].grad_checkpoint and off["fast"].fast.logit_chunk_tokens == 64
+    assert off["fast"].fast.compile and off["fast"].fast.cuda_graphs
+    with pytest.raises(SystemExit, match="CUDA graphs need --compile on and --fast-grad-checkpoint off"):
+        mode_configs(parse_args(["--compile", "on", "--cuda-graphs", "on"]), recipe.train)  # the recipe recomputes
     assert off["reference"].grad_checkpoint
 
 

@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit-chunk-tokens", type=int, help="of the fast mode (default: params train.fast)")
     parser.add_argument("--vision-cache-mib", type=int, help="of the fast mode (default: params train.fast)")
     parser.add_argument("--compile", choices=("on", "off"), help="of the fast mode (default: params train.fast)")
+    parser.add_argument("--cuda-graphs", choices=("on", "off"),
+                        help="of the fast mode, with --compile on and a GPU (default: params train.fast)")
     parser.add_argument("--fast-batch-size", type=int,
                         help="samples a step of the fast mode, a multiple of --batch-size: the reference's batches "
                              "trained that many at once, as a larger per-device batch with less accumulation does "
@@ -138,9 +140,12 @@ def batch_shape(args: argparse.Namespace, recipe: Params) -> BatchShape:
 def mode_configs(args: argparse.Namespace, recipe: TrainConfig) -> dict[str, TrainConfig]:
     """The recipe with every fast switch off (reference) and as params and the command line set them (fast)."""
     overrides = {"logit_chunk_tokens": args.logit_chunk_tokens, "vision_cache_mib": args.vision_cache_mib,
-                 "compile": None if args.compile is None else args.compile == "on"}
+                 "compile": None if args.compile is None else args.compile == "on",
+                 "cuda_graphs": None if args.cuda_graphs is None else args.cuda_graphs == "on"}
     fast = dataclasses.replace(recipe.fast, **{key: value for key, value in overrides.items() if value is not None})
     checkpointing = recipe.grad_checkpoint if args.fast_grad_checkpoint is None else args.fast_grad_checkpoint == "on"
+    if fast.cuda_graphs and (checkpointing or not fast.compile):
+        raise SystemExit("bench: CUDA graphs need --compile on and --fast-grad-checkpoint off")
     return {
         "reference": dataclasses.replace(recipe, fast=STOCK_FAST),
         "fast": dataclasses.replace(recipe, fast=fast, grad_checkpoint=checkpointing),

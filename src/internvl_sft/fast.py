@@ -23,7 +23,6 @@ DeepSpeed's engine all see one ordinary forward call: computing the loss from su
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator
 
@@ -121,6 +120,16 @@ def run_stages(inner: nn.Module, values: torch.Tensor, start: int, stop: int) ->
     for stage in VISION_STAGES[start:stop]:
         values = stage(inner, values)
     return values
+
+
+def run_frozen_stages(inner: nn.Module, pixel_values: torch.Tensor, frozen: int) -> torch.Tensor:
+    """The first `frozen` stages, which train nothing, without autograd. A single tile runs twice in one batch:
+    compiled vision blocks take every tile count as one symbolic size except 1, which PyTorch compiles apart (in the
+    first epoch with the vision cache, a batch whose other tiles are all cached already; 16 s on the 1B recipe)."""
+    with torch.no_grad():
+        if len(pixel_values) == 1:
+            return run_stages(inner, pixel_values.expand(2, *pixel_values.shape[1:]), 0, frozen)[:1]
+        return run_stages(inner, pixel_values, 0, frozen)
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -314,9 +323,10 @@ class FastForward:
         frozen = frozen_stage_count(inner) if self.cfg.frozen_vision_no_grad or self.cache else 0
         if self.cache is not None and tiles.keys is not None and frozen:
             values = self.cached_stages(pixel_values, tiles, frozen, device)
+        elif frozen:
+            values = run_frozen_stages(inner, pixel_values, frozen)
         else:
-            with torch.no_grad() if frozen else contextlib.nullcontext():
-                values = run_stages(inner, pixel_values, 0, frozen)
+            values = pixel_values
         return run_stages(inner, values, frozen, len(VISION_STAGES))
 
     def cached_stages(self, pixel_values: torch.Tensor | None, tiles: Tiles, frozen: int,
@@ -363,8 +373,7 @@ class FastForward:
                                "batch are neither in the vision feature cache nor loaded: the cache drops nothing, so "
                                "an image or the frozen weights changed during the run")
         row_of_tile = {tile: row for row, tile in enumerate(index for index, has in enumerate(loaded) if has)}
-        with torch.no_grad():
-            return run_stages(self.model.model, pixel_values[[row_of_tile[index] for index in missing]], 0, frozen)
+        return run_frozen_stages(self.model.model, pixel_values[[row_of_tile[index] for index in missing]], frozen)
 
     def flag_cached_samples(self, tiles: Tiles, keys: list[str | None]) -> None:
         """Set the shared flag of every sample of the batch whose tiles are all in the cache now."""
@@ -455,7 +464,6 @@ def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> int:
     tile with ever-changing tile counts, stay without."""
     inner = unwrap(model).model
     allow_block_variants()
-    compile_sizes_of_one_generically()
     if is_frozen(inner.vision_tower) and not has_dropout(inner.vision_tower):
         hold_in_eval_mode(inner.vision_tower)
     language_mode = "reduce-overhead" if cuda_graphs else None
@@ -490,7 +498,7 @@ def compile_with_dynamic_dims(block: nn.Module, dims: tuple[int, ...], mode: str
     def call(*args, **kwargs):
         for tensor in tensor_arguments((args, kwargs)):
             for dim in dims:
-                if dim < tensor.dim() and tensor.shape[dim] != 1:  # a size of one broadcasts: it stays fixed
+                if dim < tensor.dim():
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
         return compiled(*args, **kwargs)
 
@@ -519,16 +527,6 @@ def allow_block_variants() -> None:
     no gradient), plus micro-batches of one sample and sizes a mask pins. Beyond dynamo's default limit (8) a
     block runs uncompiled with its guards still checked on every call, slower than not compiling at all."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS)
-
-
-def compile_sizes_of_one_generically() -> None:
-    """Let a graph compiled for symbolic sizes serve sizes of one too (a process-wide setting). By default a
-    symbolic size is assumed to be at least 2, and a vision batch of one tile (common in the first epoch with the
-    vision cache, once a batch's other tiles are cached) compiled the vision block again: 16 s on the 1B recipe.
-    Size-oblivious reasoning drops that assumption; a block broadcasts nothing along the dimensions compiled as
-    symbolic, so the graph is the same. (A language block trained on one sample still compiles apart: Inductor's
-    rewriting of the backward graph checks the batch size.)"""
-    torch.fx.experimental._config.backed_size_oblivious = True
 
 
 def choose_attention_kernels(cfg: FastConfig) -> None:
