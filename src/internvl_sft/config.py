@@ -114,7 +114,7 @@ class FastConfig:
     vision_cache_mib: int = 0
     compile: bool = False
     cuda_graphs: bool = False
-    cuda_graph_length_multiple: int = 64
+    pad_to_multiple_of: int = 8
     sdpa_without_cudnn: bool = True
     drop_padding_mask: bool = True
 

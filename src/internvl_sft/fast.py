@@ -124,8 +124,8 @@ def run_stages(inner: nn.Module, values: torch.Tensor, start: int, stop: int) ->
 
 def run_frozen_stages(inner: nn.Module, pixel_values: torch.Tensor, frozen: int) -> torch.Tensor:
     """The first `frozen` stages, which train nothing, without autograd. A single tile runs twice in one batch:
-    compiled vision blocks take every tile count as one symbolic size except 1, which PyTorch compiles apart (in the
-    first epoch with the vision cache, a batch whose other tiles are all cached already; 16 s on the 1B recipe)."""
+    compiled vision blocks take every tile count as one symbolic size except 1, which PyTorch compiles apart (with
+    the vision cache, a batch whose other tiles are all cached already)."""
     with torch.no_grad():
         if len(pixel_values) == 1:
             return run_stages(inner, pixel_values.expand(2, *pixel_values.shape[1:]), 0, frozen)[:1]
@@ -246,8 +246,8 @@ class FastForward:
     def __init__(self, model: PreTrainedModel, cfg: FastConfig):
         if cfg.logit_chunk_tokens < 0 or cfg.vision_cache_mib < 0:
             raise ValueError("params: train: fast: logit_chunk_tokens and vision_cache_mib must be >= 0")
-        if cfg.cuda_graph_length_multiple < 1:
-            raise ValueError("params: train: fast: cuda_graph_length_multiple must be >= 1")
+        if cfg.pad_to_multiple_of < 1:
+            raise ValueError("params: train: fast: pad_to_multiple_of must be >= 1")
         self.model = model
         self.cfg = cfg
         self.original = model.forward
@@ -312,8 +312,8 @@ class FastForward:
         if self.cfg.drop_padding_mask and is_right_padded(attention_mask):
             attention_mask = None
         length = embeds.shape[1]
-        if self.cfg.cuda_graphs and attention_mask is None:
-            embeds = pad_positions(embeds, self.cfg.cuda_graph_length_multiple)
+        if attention_mask is None:
+            embeds = pad_positions(embeds, self.cfg.pad_to_multiple_of)
         return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state[:, :length]
 
     def image_features(self, pixel_values: torch.Tensor | None, tiles: Tiles, device: torch.device) -> torch.Tensor:
@@ -424,8 +424,10 @@ def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
 
 def pad_positions(embeds: torch.Tensor, multiple: int) -> torch.Tensor:
     """`embeds` (batch, positions, width) with zero rows appended up to a multiple of `multiple` positions. Behind
-    every sample under causal attention without a mask, they change no real position's output; batches then come
-    in a few lengths, and CUDA graphs are recorded once per length."""
+    every sample under causal attention without a mask, they change no real position's output. Compiled blocks
+    are specialised to lengths that are multiples of 8 or not (memory alignment): on the 1B recipe the first
+    unaligned batch compiled the language block twice more, 24 s of the first epoch. CUDA graphs are recorded once
+    per length: a larger multiple, fewer recordings."""
     extra = -embeds.shape[1] % multiple
     return F.pad(embeds, (0, 0, 0, extra)) if extra else embeds
 
