@@ -426,8 +426,8 @@ def pad_positions(embeds: torch.Tensor, multiple: int) -> torch.Tensor:
     """`embeds` (batch, positions, width) with zero rows appended up to a multiple of `multiple` positions. Behind
     every sample under causal attention without a mask, they change no real position's output. Compiled blocks
     are specialised to lengths that are multiples of 8 or not (memory alignment): on the 1B recipe the first
-    unaligned batch compiled the language block twice more, 24 s of the first epoch. CUDA graphs are recorded once
-    per length: a larger multiple, fewer recordings."""
+    unaligned batch compiled the language block's two variants again, 16 s of the first epoch. CUDA graphs are
+    recorded once per length: a larger multiple, fewer recordings."""
     extra = -embeds.shape[1] % multiple
     return F.pad(embeds, (0, 0, 0, extra)) if extra else embeds
 
