@@ -312,7 +312,7 @@ class FastForward:
         if self.cfg.drop_padding_mask and is_right_padded(attention_mask):
             attention_mask = None
         length = embeds.shape[1]
-        if attention_mask is None:
+        if attention_mask is None and self.cfg.compile:
             embeds = pad_positions(embeds, self.cfg.pad_to_multiple_of)
         return inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state[:, :length]
 
@@ -427,7 +427,8 @@ def pad_positions(embeds: torch.Tensor, multiple: int) -> torch.Tensor:
     every sample under causal attention without a mask, they change no real position's output. Compiled blocks
     are specialised to lengths that are multiples of 8 or not (memory alignment): on the 1B recipe the first
     unaligned batch compiled the language block's two variants again, 16 s of the first epoch. CUDA graphs are
-    recorded once per length: a larger multiple, fewer recordings."""
+    recorded once per length: a larger multiple, fewer recordings. Only with compiled blocks: elsewhere padding buys
+    nothing and would change the LoRA dropout masks (drawn over the padded shape) of a run that was reproducible."""
     extra = -embeds.shape[1] % multiple
     return F.pad(embeds, (0, 0, 0, extra)) if extra else embeds
 
