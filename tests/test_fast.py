@@ -312,10 +312,12 @@ def test_the_log_line_names_every_switch_that_is_on():
     assert describe(STOCK_FAST).startswith("stock training step")
     compiled_only = describe(dataclasses.replace(STOCK_FAST, compile=True))
     assert compiled_only == "fast path: transformer blocks compiled"
-    everything = describe(FastConfig(logit_chunk_tokens=8, vision_cache_mib=4, compile=True))
+    everything = describe(FastConfig(logit_chunk_tokens=8, vision_cache_mib=4, compile=True, cuda_graphs=True))
     for words in ("label positions only, 8 positions a chunk", "without autograd", "cache of 4 MiB", "compiled",
-                  "without cuDNN", "without the padding mask"):
+                  "language blocks as CUDA graphs", "without cuDNN", "without the padding mask",
+                  "lengths padded to multiples of 8"):
         assert words in everything
+    assert "lengths padded" not in describe(FastConfig())  # uncompiled: nothing is padded
 
 
 @pytest.fixture

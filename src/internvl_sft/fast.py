@@ -410,7 +410,9 @@ def describe(cfg: FastConfig) -> str:
     if cfg.sdpa_without_cudnn:
         parts.append("attention without cuDNN's kernels")
     if cfg.drop_padding_mask:
-        parts.append("causal attention without the padding mask for right-padded batches")
+        padded = cfg.compile and cfg.pad_to_multiple_of > 1
+        parts.append("causal attention without the padding mask for right-padded batches"
+                     + (f", their lengths padded to multiples of {cfg.pad_to_multiple_of}" if padded else ""))
     return "fast path: " + "; ".join(parts) if parts else "stock training step (every train.fast switch off)"
 
 
