@@ -343,7 +343,7 @@ class FastForward:
         keys = [None if key is None else prefix + key for key in tiles.keys]
         found = [None if key is None else self.cache.get(key) for key in keys]
         missing = [index for index, value in enumerate(found) if value is None]
-        fresh = self.compute_missing(pixel_values, tiles, missing, frozen)
+        fresh = self.compute_missing(pixel_values, tiles, loaded, missing, frozen)
         if fresh is not None:
             for index, row in zip(missing, fresh):
                 if keys[index] is not None:
@@ -360,12 +360,12 @@ class FastForward:
             values[missing] = fresh.to(first.dtype)
         return values
 
-    def compute_missing(self, pixel_values: torch.Tensor | None, tiles: Tiles, missing: list[int],
+    def compute_missing(self, pixel_values: torch.Tensor | None, tiles: Tiles, loaded: list[bool], missing: list[int],
                         frozen: int) -> torch.Tensor | None:
-        """The frozen stages' output for the `missing` tiles, from their rows of `pixel_values`."""
+        """The frozen stages' output for the `missing` tiles, from their rows of `pixel_values` (`loaded`: which
+        tiles have one)."""
         if not missing:
             return None
-        loaded = tiles.loaded()
         lost = [index for index in missing if not loaded[index]]
         if lost:
             dataset, sample, _ = tiles.sources[lost[0]]
