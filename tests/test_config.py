@@ -39,6 +39,17 @@ def test_errors_of_a_params_file_name_the_line(tmp_path):
         load_params(path)
 
 
+def test_a_value_out_of_its_range_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  seed: 1\n  fast:\n    compile: true\n    pad_to_multiple_of: 0\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: train: fast: pad_to_multiple_of: must be >= 1, got 0 "
+                                          r"\(line 5\)$"):
+        load_params(path)
+    path.write_text("train:\n  fast:\n    vision_cache_mib: -4\n")
+    with pytest.raises(ConfigError, match=r"train: fast: vision_cache_mib: must be >= 0, got -4 \(line 3\)$"):
+        load_params(path)
+
+
 def test_a_stage_stops_on_a_bad_params_file_with_its_message_and_no_traceback(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  dataloader_persistent_workers: maybe\n")

@@ -118,6 +118,12 @@ class FastConfig:
     sdpa_without_cudnn: bool = True
     drop_padding_mask: bool = True
 
+    def __post_init__(self):
+        least = {"logit_chunk_tokens": 0, "vision_cache_mib": 0, "pad_to_multiple_of": 1}
+        for key, lowest in least.items():
+            if getattr(self, key) < lowest:
+                raise ConfigError(f"{key}: must be >= {lowest}, got {getattr(self, key)}", (key,))
+
 
 STOCK_FAST = FastConfig(  # every switch off: transformers' forward, attention kernels as PyTorch picks them
     answer_logits_only=False, frozen_vision_no_grad=False, sdpa_without_cudnn=False, drop_padding_mask=False
@@ -244,7 +250,10 @@ def build(cls: type, raw: Any, where: str, keys: tuple[str | int, ...] = ()) -> 
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}",
                           (*keys, unknown[0]))
     values = {key: coerce(hints[key], value, f"{where}: {key}", (*keys, key)) for key, value in raw.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a value out of its range, found by the dataclass itself
+        raise ConfigError(f"{where}: {err}", (*keys, *err.keys)) from None
 
 
 def coerce(hint: Any, value: Any, where: str, keys: tuple[str | int, ...] = ()) -> Any:
