@@ -76,7 +76,7 @@ def test_merged_batches_hold_every_sample_right_padded(tiny_native):
     config = AutoConfig.from_pretrained(tiny_native)
     generator = torch.Generator().manual_seed(1)
     parts = [synthetic_batch(config, SHAPE, generator) for _ in range(2)]
-    merged = merge_batches(parts)
+    merged = merge_batches(parts, config.image_token_id)
     longest = max(part["input_ids"].shape[1] for part in parts)
     assert merged["input_ids"].shape == (6, longest)
     assert merged["pixel_values"].shape[0] == 6 * SHAPE.tiles
@@ -86,7 +86,10 @@ def test_merged_batches_hold_every_sample_right_padded(tiny_native):
             assert torch.equal(merged[key][rows, :width], part[key])
         assert (merged["attention_mask"][rows, width:] == 0).all()
         assert (merged["labels"][rows, width:] == IGNORE_INDEX).all()
-    steps = grouped(parts, 2)  # as many steps as batches given, cycling through them
+    rows, columns = merged["answer_positions"]  # the positions of the merged batch, not of its parts
+    assert (merged["labels"][rows, columns + 1] != IGNORE_INDEX).all()
+    assert len(rows) == (merged["labels"][:, 1:] != IGNORE_INDEX).sum()
+    steps = grouped(parts, 2, config.image_token_id)  # as many steps as batches given, cycling through them
     assert len(steps) == 2 and all(torch.equal(step["input_ids"], merged["input_ids"]) for step in steps)
 
 

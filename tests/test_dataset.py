@@ -8,6 +8,7 @@ from test_template import build_tiny_tokenizer
 
 from internvl_sft.config import InputsConfig
 from internvl_sft.data.dataset import (
+    FAST_STEP_KEYS,
     SupervisedDataset,
     TilingSettings,
     build_dataset,
@@ -212,6 +213,26 @@ def test_collate_pads_right_and_concatenates_tiles_in_sample_order(tokenizer, im
         assert (batch["labels"][row, size:] == IGNORE_INDEX).all()
         assert batch["attention_mask"][row].tolist() == [1] * size + [0] * (longest - size)
     assert context_count(tokenizer, batch["input_ids"]) == 4 * TOKENS_PER_TILE
+
+
+def test_collate_for_the_fast_step_adds_answer_and_image_positions(tokenizer, images):
+    """Row and column of every position whose next token is labelled and of every image token, in row-major order
+    (the order of the image features), and that the batch is right-padded."""
+    data = dataset(tokenizer, [sample([images["tall"]]), sample(answer="a longer answer"), sample([images["square"]])])
+    items = [data[0], data[1], data[2]]
+    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    batch = collate(items, pad_token_id=tokenizer.pad_token_id, image_token_id=image_token_id)
+    assert set(batch) - set(collate(items, pad_token_id=tokenizer.pad_token_id)) == set(FAST_STEP_KEYS)
+    assert batch["right_padded"] is True
+    expected = {"answer_positions": batch["labels"][:, 1:] != IGNORE_INDEX,
+                "image_positions": batch["input_ids"] == image_token_id}
+    for key, mask in expected.items():
+        rows, columns = batch[key]
+        found = torch.zeros_like(mask)
+        found[rows, columns] = True
+        assert torch.equal(found, mask), key
+        assert (rows * mask.shape[1] + columns).diff().gt(0).all(), key
+    assert batch["image_positions"].shape[1] == 4 * TOKENS_PER_TILE
 
 
 def test_tile_keys_follow_the_image_files_and_their_tiling(tokenizer, images, tmp_path):

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from transformers import Trainer, TrainingArguments
 
 from internvl_sft.config import STOCK_FAST, FastConfig, LoraConfig, TrainConfig
-from internvl_sft.data.dataset import content_digest
+from internvl_sft.data.dataset import content_digest, token_positions
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
     FeatureCache,
@@ -131,22 +131,30 @@ def test_answer_loss_chunks_give_the_same_loss():
     torch.testing.assert_close(chunked_grad, whole_grad)
 
 
+def with_fast_step_keys(batch: dict, config) -> dict:
+    """The batch with the keys `collate` adds for the fast step."""
+    return {**batch, **token_positions(batch["input_ids"], batch["labels"], config.image_token_id), "right_padded": True}
+
+
 @pytest.mark.parametrize(
-    ("grad_checkpoint", "freeze_mlp", "fast"),
+    ("grad_checkpoint", "freeze_mlp", "fast", "step_keys"),
     [
-        (False, True, FAST),
-        (True, True, dataclasses.replace(FAST, logit_chunk_tokens=5)),
-        (True, False, dataclasses.replace(FAST, vision_cache_mib=4)),
+        (False, True, FAST, False),
+        (False, True, FAST, True),
+        (True, True, dataclasses.replace(FAST, logit_chunk_tokens=5), True),
+        (True, False, dataclasses.replace(FAST, vision_cache_mib=4), False),
     ],
-    ids=["lora", "grad-checkpoint-chunks", "trainable-projector-cache"],
+    ids=["lora", "lora-collate-positions", "grad-checkpoint-chunks", "trainable-projector-cache"],
 )
-def test_lora_loss_and_gradients_equal_the_stock_ones(tiny_native, random_lora_b, grad_checkpoint, freeze_mlp, fast):
+def test_lora_loss_and_gradients_equal_the_stock_ones(tiny_native, random_lora_b, grad_checkpoint, freeze_mlp, fast,
+                                                      step_keys):
     cfg = dataclasses.replace(LORA, grad_checkpoint=grad_checkpoint, freeze_mlp=freeze_mlp)
     stock_model = training_model(tiny_native, cfg, STOCK_FAST, random_lora_b)
     fast_model = training_model(tiny_native, cfg, fast, random_lora_b)
     batch = padded_batch(stock_model.config)
     stock_loss, stock_grads = loss_and_grads(stock_model, batch)
-    fast_loss, fast_grads = loss_and_grads(fast_model, {**batch, "tile_keys": tile_keys(batch["pixel_values"])})
+    fast_batch = with_fast_step_keys(batch, stock_model.config) if step_keys else batch
+    fast_loss, fast_grads = loss_and_grads(fast_model, {**fast_batch, "tile_keys": tile_keys(batch["pixel_values"])})
     torch.testing.assert_close(fast_loss, stock_loss, rtol=1e-6, atol=1e-6)
     assert fast_grads.keys() == stock_grads.keys()
     assert any("multi_modal_projector" in name for name in fast_grads) is not freeze_mlp
@@ -251,6 +259,28 @@ def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lo
     torch.testing.assert_close(graph_losses, plain_losses, rtol=1e-5, atol=1e-5)
     for graph_weight, plain_weight in zip(graph_weights, plain_weights):
         assert_close_to_scale(graph_weight, plain_weight, "LoRA weight")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_step_on_a_batch_from_collate_never_waits_for_the_gpu(tiny_native, random_lora_b, compiled):
+    """With the positions `collate` computed, forward and backward queue all their GPU work without one
+    synchronisation (CUDA's sync debug mode raises on any); without them, finding the positions waits."""
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, compile=compiled), random_lora_b).cuda()
+    batch = padded_batch(model.config)
+    on_gpu = {key: value.pin_memory().cuda(non_blocking=True) for key, value in batch.items()}
+    keyed = {**on_gpu, **{key: value.pin_memory().cuda(non_blocking=True) if torch.is_tensor(value) else value
+                          for key, value in with_fast_step_keys(batch, model.config).items() if key not in batch}}
+    model(**keyed).loss.backward()  # first calls: compilation, lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(**keyed).loss.backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            model(**on_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_cache_keeps_the_first_entries_that_fit_and_no_later_ones():

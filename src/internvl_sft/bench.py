@@ -48,10 +48,10 @@ from transformers import PretrainedConfig
 
 from internvl_sft.bench_train import FP32_MODE, MODES, largest_relative_difference
 from internvl_sft.config import STOCK_FAST, Params, TrainConfig, load_params
-from internvl_sft.data.dataset import content_digest
+from internvl_sft.data.dataset import FAST_STEP_KEYS, content_digest, token_positions
 from internvl_sft.data.synthetic import LEXICON
 from internvl_sft.data.template import IGNORE_INDEX
-from internvl_sft.fast import install_fast_path, tensor_bytes, unwrap
+from internvl_sft.fast import install_fast_path, takes_fast_forward, tensor_bytes, unwrap
 from internvl_sft.model.convert import upstream_to_native
 from internvl_sft.model.load import (
     attention_implementation,
@@ -222,10 +222,29 @@ def with_tile_keys(batch: dict) -> dict:
     return {**batch, "tile_keys": keys}
 
 
+def with_fast_step_keys(batch: dict, image_token_id: int) -> dict:
+    """The batch with the keys the train stage's `collate` adds for the fast training step."""
+    return {**batch, **token_positions(batch["input_ids"], batch["labels"], image_token_id), "right_padded": True}
+
+
+def pinned(batches: list[dict]) -> list[dict]:
+    """The batches in page-locked memory, as the train stage's loader hands them to a GPU (a batch listed for
+    several steps copied once)."""
+    copies: dict[int, dict] = {}
+    for batch in batches:
+        if id(batch) not in copies:
+            copies[id(batch)] = {key: value.pin_memory() if torch.is_tensor(value) else value
+                                 for key, value in batch.items()}
+    return [copies[id(batch)] for batch in batches]
+
+
 def model_inputs(batch: dict, cfg: TrainConfig, device: torch.device) -> dict:
-    """The batch on `device`, with tile keys only where the mode has a vision feature cache."""
+    """The batch on `device`, with tile keys only where the mode has a vision feature cache and the fast step's
+    keys only where it has the fast path."""
+    dropped = (() if cfg.fast.vision_cache_mib else ("tile_keys",)) + (
+        () if takes_fast_forward(cfg.fast) else FAST_STEP_KEYS)
     return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items() if key != "tile_keys" or cfg.fast.vision_cache_mib}
+            for key, value in batch.items() if key not in dropped}
 
 
 def distinct_batch_count(args: argparse.Namespace) -> int:
@@ -233,19 +252,18 @@ def distinct_batch_count(args: argparse.Namespace) -> int:
     return min(args.distinct_batches or steps, steps)
 
 
-def step_batches(config: PretrainedConfig, shape: BatchShape, args: argparse.Namespace, *, with_keys: bool,
-                 pinned: bool) -> list[dict]:
-    """A batch for every step: all distinct, or --distinct-batches of them in turn (in pinned memory for a GPU)."""
+def step_batches(config: PretrainedConfig, shape: BatchShape, args: argparse.Namespace, *, with_keys: bool
+                 ) -> list[dict]:
+    """A batch for every step: all distinct, or --distinct-batches of them in turn."""
     generator = torch.Generator().manual_seed(args.seed)
     distinct = [synthetic_batch(config, shape, generator) for _ in range(distinct_batch_count(args))]
     if with_keys:
         distinct = [with_tile_keys(batch) for batch in distinct]
-    if pinned:
-        distinct = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in distinct]
+    distinct = [with_fast_step_keys(batch, config.image_token_id) for batch in distinct]
     return [distinct[index % len(distinct)] for index in range(args.warmup + args.steps)]
 
 
-def merge_batches(batches: list[dict]) -> dict:
+def merge_batches(batches: list[dict], image_token_id: int) -> dict:
     """One batch holding the samples of `batches`, right-padded to the longest."""
     longest = max(batch["input_ids"].shape[1] for batch in batches)
     fills = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
@@ -254,12 +272,12 @@ def merge_batches(batches: list[dict]) -> dict:
     merged["pixel_values"] = torch.cat([batch["pixel_values"] for batch in batches])
     if "tile_keys" in batches[0]:
         merged["tile_keys"] = [key for batch in batches for key in batch["tile_keys"]]
-    return merged
+    return with_fast_step_keys(merged, image_token_id)
 
 
-def grouped(batches: list[dict], per_step: int) -> list[dict]:
+def grouped(batches: list[dict], per_step: int, image_token_id: int) -> list[dict]:
     """The batches in steps of `per_step` each, cycling through them as often as needed."""
-    return [merge_batches([batches[(step * per_step + k) % len(batches)] for k in range(per_step)])
+    return [merge_batches([batches[(step * per_step + k) % len(batches)] for k in range(per_step)], image_token_id)
             for step in range(len(batches))]
 
 
@@ -552,9 +570,12 @@ def run(args: argparse.Namespace) -> dict:
         check_fp32_reference(dtype, per_step)
     with model_folder(args) as model_dir:
         config = transformers.AutoConfig.from_pretrained(model_dir)
-        batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib),
-                               pinned=device.type == "cuda")
-        mode_batches = {"reference": batches, "fast": grouped(batches, per_step) if per_step > 1 else batches}
+        batches = step_batches(config, shape, args, with_keys=bool(configs["fast"].fast.vision_cache_mib))
+        fast_batches = grouped(batches, per_step, config.image_token_id) if per_step > 1 else batches
+        if device.type == "cuda":
+            batches = pinned(batches)
+            fast_batches = pinned(fast_batches) if per_step > 1 else batches
+        mode_batches = {"reference": batches, "fast": fast_batches}
         results, counts = {}, None
         for mode in MODES:
             results[mode], counts = run_mode(mode, model_dir, configs[mode], mode_batches[mode], batches[0], args,

@@ -53,14 +53,16 @@ def answer_loss(
     lm_head: nn.Module,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_tokens: int = 0,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy over the labelled positions only, reduced as transformers' causal-LM loss is:
     the mean over label tokens, or the sum over `num_items_in_batch` when the Trainer counted the label tokens
-    of a whole accumulated batch."""
-    targets = labels[:, 1:]
-    labelled = targets != IGNORE_INDEX
-    total = summed_cross_entropy(hidden[:, :-1][labelled], targets[labelled], lm_head, chunk_tokens)
-    divisor = labelled.sum() if num_items_in_batch is None else num_items_in_batch
+    of a whole accumulated batch. `positions`: the batch's `answer_positions` (found here when not given)."""
+    if positions is None:
+        positions = (labels[:, 1:] != IGNORE_INDEX).nonzero().T
+    rows, columns = positions
+    total = summed_cross_entropy(hidden[rows, columns], labels[rows, columns + 1], lm_head, chunk_tokens)
+    divisor = positions.shape[1] if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(divisor):
         divisor = divisor.to(total.device)
     return total / divisor
@@ -273,9 +275,14 @@ class FastForward:
         pixel_values: torch.Tensor | None = None,
         tile_keys: list[str | None] | None = None,
         tile_sources: list[TileSource] | None = None,
+        answer_positions: torch.Tensor | None = None,
+        image_positions: torch.Tensor | None = None,
+        right_padded: bool | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """The loss of a batch from `collate` (with its `FAST_STEP_KEYS`, which spare the GPU every wait for the
+        host; without them they are found here, waiting)."""
         if labels is None:
             return self.original(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                  **kwargs)
@@ -283,9 +290,15 @@ class FastForward:
             raise TypeError(f"the fast training forward takes no {', '.join(sorted(kwargs))}")
         if self.cfg.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused now
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources))
+        if right_padded is None:
+            right_padded = is_right_padded(attention_mask)
+        if self.cfg.drop_padding_mask and right_padded:
+            attention_mask = None
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources),
+                                    image_positions)
         if self.cfg.answer_logits_only:
-            loss = answer_loss(hidden, labels, self.model.lm_head, num_items_in_batch, self.cfg.logit_chunk_tokens)
+            loss = answer_loss(hidden, labels, self.model.lm_head, num_items_in_batch, self.cfg.logit_chunk_tokens,
+                               answer_positions)
             return CausalLMOutputWithPast(loss=loss)
         logits = self.model.lm_head(hidden)
         loss = self.model.loss_function(logits=logits, labels=labels, num_items_in_batch=num_items_in_batch,
@@ -298,15 +311,17 @@ class FastForward:
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         tiles: Tiles,
+        image_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The language model's last hidden states, image features placed at the image tokens."""
+        """The language model's last hidden states, image features placed at the image tokens (`image_positions`,
+        found here when not given)."""
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
         if pixel_values is not None or tiles.keys:
             features = self.image_features(pixel_values, tiles, embeds.device).to(embeds.device, embeds.dtype)
-            embeds = place_image_features(embeds, input_ids == inner.config.image_token_id, features)
-        if self.cfg.drop_padding_mask and is_right_padded(attention_mask):
-            attention_mask = None
+            if image_positions is None:
+                image_positions = (input_ids == inner.config.image_token_id).nonzero().T
+            embeds = place_image_features(embeds, image_positions, features)
         length = embeds.shape[1]
         if attention_mask is None and self.cfg.compile:
             embeds = pad_positions(embeds, self.cfg.pad_to_multiple_of)
@@ -431,12 +446,12 @@ def pad_positions(embeds: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(embeds, (0, 0, 0, extra)) if extra else embeds
 
 
-def place_image_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Put the image features, in order, at the image-token positions of the token embeddings."""
-    tokens = int(image_mask.sum())
+def place_image_features(embeds: torch.Tensor, positions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Put the image features, in order, at the image-token `positions` (rows and columns) of the token embeddings."""
+    tokens = positions.shape[1]
     if tokens * embeds.shape[-1] != features.numel():
         raise ValueError(f"{tokens} image tokens for {features.shape[0] * features.shape[1]} image features")
-    return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+    return embeds.index_put(tuple(positions), features.reshape(tokens, embeds.shape[-1]))
 
 
 def check_cacheable(inner: nn.Module) -> None:
@@ -539,13 +554,18 @@ def choose_attention_kernels(cfg: FastConfig) -> None:
     torch.backends.cuda.enable_cudnn_sdp(not cfg.sdpa_without_cudnn)
 
 
+def takes_fast_forward(cfg: FastConfig) -> bool:
+    """Whether `install_fast_path` installs `FastForward` (compiled blocks alone keep transformers' forward)."""
+    return cfg.answer_logits_only or cfg.frozen_vision_no_grad or bool(cfg.vision_cache_mib) or cfg.drop_padding_mask
+
+
 def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
     """Make `model` (an InternVL model, with or without peft) train through `FastForward`; None when every
     switch is off (the stock path)."""
     choose_attention_kernels(cfg)
     if cfg.compile:
         compile_blocks(model, cfg.cuda_graphs)
-    if not (cfg.answer_logits_only or cfg.frozen_vision_no_grad or cfg.vision_cache_mib or cfg.drop_padding_mask):
+    if not takes_fast_forward(cfg):
         return None
     base = unwrap(model)
     fast = FastForward(base, cfg)

@@ -2,9 +2,9 @@
 
 `collate` builds the keyword arguments of `InternVLForConditionalGeneration.forward`: right-padded
 `input_ids` / `labels` / `attention_mask` and, when the batch has images, all tiles concatenated in sample
-order, which is the order of the image tokens in the flattened batch. For the vision feature cache of the fast
-training path it adds one key and one source per tile in that order; the pixels of a sample whose tiles the
-cache holds are then left out.
+order, which is the order of the image tokens in the flattened batch. For the fast training path it adds where
+the answer and image tokens are (`token_positions`), and for its vision feature cache one key and one source per
+tile in tile order; the pixels of a sample whose tiles the cache holds are then left out.
 """
 
 from __future__ import annotations
@@ -261,8 +261,22 @@ def random_jpeg_quality() -> int:
     return int(torch.randint(low, high + 1, ()).item())
 
 
-def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; `pixel_values` (tiles in sample order) only when some sample carries pixels."""
+def token_positions(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    """(2, n) row and column indices, in row-major order: `answer_positions`, the positions whose next token is
+    labelled, and `image_positions`, the image tokens. Computed on the CPU with the batch, they let the fast
+    training step pick those positions on the GPU without waiting for it: turning a mask into positions on the GPU
+    makes the host wait there until every kernel queued before has run."""
+    return {"answer_positions": (labels[:, 1:] != IGNORE_INDEX).nonzero().T.contiguous(),
+            "image_positions": (input_ids == image_token_id).nonzero().T.contiguous()}
+
+
+# The keys `collate` adds for the fast training step: the token positions, and that the padding is on the right.
+FAST_STEP_KEYS = ("answer_positions", "image_positions", "right_padded")
+
+
+def collate(batch: list[dict], pad_token_id: int | None, image_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; `pixel_values` (tiles in sample order) only when some sample carries pixels; with an
+    `image_token_id`, the `FAST_STEP_KEYS`."""
     if pad_token_id is None:
         raise ValueError("collate needs a pad token id, but the tokenizer defines no pad token")
     longest = max(len(item["input_ids"]) for item in batch)
@@ -278,6 +292,8 @@ def collate(batch: list[dict], pad_token_id: int | None) -> dict[str, torch.Tens
     tiles = [item["pixel_values"] for item in batch if item.get("pixel_values") is not None]
     if tiles:
         collated["pixel_values"] = torch.cat(tiles)
+    if image_token_id is not None:
+        collated.update(token_positions(input_ids, labels, image_token_id), right_padded=True)
     if any(item["num_tiles"] for item in batch) and all("tile_keys" in item for item in batch):
         collated["tile_keys"] = [key for item in batch for key in item["tile_keys"]]
     if "tile_keys" in collated and all("tile_source" in item for item in batch):
@@ -321,10 +337,14 @@ def read_meta_samples(meta_path: str | Path, seed: int) -> list[Sample]:
     return samples
 
 
+def pins_memory(train: TrainConfig) -> bool:
+    return train.dataloader_pin_memory and torch.cuda.is_available()
+
+
 def loader_options(train: TrainConfig, workers: int) -> dict:
     """Data-loader settings from the train section: page-locked batches only where a GPU takes them, prefetch
     only with worker processes (torch refuses it without)."""
-    return {"pin_memory": train.dataloader_pin_memory and torch.cuda.is_available(),
+    return {"pin_memory": pins_memory(train),
             "prefetch_factor": train.dataloader_prefetch_factor if workers else None}
 
 

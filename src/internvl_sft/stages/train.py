@@ -28,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from internvl_sft.config import Params, TrainConfig, exit_on_config_error, gradient_accumulation, load_params, to_dict
-from internvl_sft.data.dataset import build_dataset, collate, loader_options
+from internvl_sft.data.dataset import build_dataset, collate, loader_options, pins_memory
 from internvl_sft.fast import FastForward, describe, install_fast_path
 from internvl_sft.model.load import (
     load_model,
@@ -149,6 +149,9 @@ def training_arguments(params: Params, args: argparse.Namespace, dtype: torch.dt
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_persistent_workers=persistent_workers,
         **{f"dataloader_{key}": value for key, value in loader_options(cfg, cfg.dataloader_num_workers).items()},
+        # page-locked batches are copied to the GPU without the host waiting for the copy
+        accelerator_config={"non_blocking": pins_memory(cfg)},
+        logging_nan_inf_filter=False,  # logs a NaN loss as NaN, and spares the host a wait on the GPU every step
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable (LoRA / projector) weight is used in each step
         deepspeed=deepspeed,
@@ -492,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         args=training_args,
         train_dataset=train_set,
         eval_dataset=val_set,
-        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id,
+                              image_token_id=None if fast is None else model.config.image_token_id),
         callbacks=[
             EarlyStoppingCallback(params.train.early_stopping_patience),
             CurvesCallback(Path(args.curves_dir)),
