@@ -9,7 +9,16 @@ import pytest
 import yaml
 from tiny_project import ROOT, train_environment, two_step_batch_project
 
-from internvl_sft.bench_train import comparison, earlier_run, main, mode_params, parse_args, train_command
+from internvl_sft.bench_train import (
+    comparison,
+    compile_environment,
+    earlier_run,
+    main,
+    mode_params,
+    parse_args,
+    table,
+    train_command,
+)
 from internvl_sft.config import ConfigError
 
 
@@ -160,8 +169,38 @@ def test_runs_of_separate_calls_are_compared_only_with_the_same_parameters(tmp_p
         earlier_run("reference", other, args)
 
 
+def test_the_fast_run_compiles_into_an_emptied_cache_and_the_warm_run_reuses_it(tmp_path):
+    args = parse_args(["--params", str(ROOT / "params.yaml"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no compile cache to warm the fast-warm run"):
+        compile_environment("fast-warm", args)
+    assert compile_environment("reference", args) is None
+    left = tmp_path / "compile-cache" / "left.bin"
+    left.parent.mkdir()
+    left.write_bytes(b"an earlier run's code")
+    cold = compile_environment("fast", args)
+    assert cold["TORCHINDUCTOR_CACHE_DIR"] == str(left.parent) and not left.exists()
+    left.parent.mkdir()
+    left.write_bytes(b"the fast run's code")
+    assert compile_environment("fast-warm", args) == cold and left.exists()
+    assert mode_params(args)["fast-warm"] == mode_params(args)["fast"]
+
+
+def test_a_warm_run_is_reported_beside_the_cold_one():
+    runs = {"reference": run_result(0, 100.0, [50.0, 50.0], [4.0, 2.0]),
+            "fast": run_result(0, 40.0, [30.0, 10.0], [4.1, 2.0]),
+            "fast-warm": run_result(0, 20.0, [10.0, 10.0], [4.1, 2.0])}
+    for run in runs.values():
+        run["summary"].update(phase_seconds={}, peak_gpu_memory_gib_rank0=None)
+    compared = comparison(runs, epochs=2)
+    assert compared["wall_speedup"] == pytest.approx(2.5) and compared["wall_speedup_warm"] == pytest.approx(5.0)
+    text = table({"runs": runs, "comparison": compared})
+    assert text.splitlines()[0].split() == ["reference", "fast", "fast-warm"] and "2.50x (5.00x warm)" in text
+    assert comparison({**runs, "fast-warm": None}, epochs=2)["wall_speedup_warm"] is None
+
+
 def test_modes_are_checked():
     assert parse_args(["--modes", "fast"]).modes == ("fast",)
+    assert parse_args(["--modes", "fast-warm,fast"]).modes == ("fast", "fast-warm")  # the warm run after the cold
     assert parse_args(["--modes", "fp32"]).modes == ("fp32",)
     with pytest.raises(SystemExit):
         parse_args(["--modes", "fast,quick"])

@@ -18,6 +18,11 @@ with dropout the curves agree statistically, without it up to the training dtype
 dtype" goes shows a third, optional run: `--modes fp32` trains the reference in fp32 (`train.precision: fp32`),
 and once it exists the report gives each run's loss differences from it.
 
+The fast run compiles into a compile cache of its own, emptied first (--out/compile-cache: the fast run pays the
+whole compilation, as the first run on a machine does); `--modes reference,fast,fast-warm` trains the fast
+settings once more on the cache that run left, as every later run of a sweep on the same machine finds it, and
+reports both.
+
 A long reference can be cut short: with --reference-epochs N it trains the first N epochs of the same schedule
 (`train.stop_after_epochs`), and its whole-run wall time is estimated as the measured one plus the remaining
 epochs at the mean duration of its epochs after the first (evaluation and save included); the report marks the
@@ -47,6 +52,9 @@ from internvl_sft.preset import overlay, params_with, parse_assignment, recipe_o
 
 MODES = ("reference", "fast")
 FP32_MODE = "fp32"
+WARM_MODE = "fast-warm"
+OPTIONAL_MODES = (WARM_MODE, FP32_MODE)
+COMPILE_CACHE = "compile-cache"
 DEFAULT_FAST_SET = ("train.fast.compile=true", "train.fast.vision_cache_mib=16384")
 RUN_OPTIONS = ("--adapter-dir", "--checkpoint-dir", "--log-dir", "--curves-dir")
 
@@ -68,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train only this many epochs of the reference's schedule and estimate the rest (0: all)")
     parser.add_argument("--modes", type=parse_modes, default=MODES,
                         help="comma-separated runs to train now (default: both); a missing one is read from --out; "
-                             "fp32 adds the reference trained in fp32")
+                             "fast-warm adds the fast run again on the compile cache the fast run left, fp32 the "
+                             "reference trained in fp32")
     parser.add_argument("--processes", type=int, default=launched_processes(),
                         help="training processes of a run, GPUS x NNODES as the launcher reads them (default: "
                              "from the environment): the fast run's per-device batch is the global batch over it")
@@ -90,10 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(mode.strip() for mode in text.split(",") if mode.strip())
-    unknown = sorted(set(modes) - {*MODES, FP32_MODE})
+    unknown = sorted(set(modes) - {*MODES, *OPTIONAL_MODES})
     if unknown or not modes:
-        raise argparse.ArgumentTypeError(f"modes are {', '.join((*MODES, FP32_MODE))}; got {text!r}")
-    return modes
+        raise argparse.ArgumentTypeError(f"modes are {', '.join((*MODES, *OPTIONAL_MODES))}; got {text!r}")
+    return tuple(mode for mode in (*MODES, *OPTIONAL_MODES) if mode in modes)  # the warm run after the fast one
 
 
 def recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -112,7 +121,7 @@ def mode_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     fast = overlay(fast, unflatten(dict(args.fast_set)))
     reference = overlay(base, {"train": {"fast": dataclasses.asdict(STOCK_FAST),
                                          "stop_after_epochs": args.reference_epochs}})
-    modes = {"reference": reference, "fast": fast,
+    modes = {"reference": reference, "fast": fast, WARM_MODE: fast,
              FP32_MODE: overlay(reference, {"train": {"precision": "fp32"}})}
     for mode, params in modes.items():
         build(Params, params, where=f"{mode} run of bench_train")
@@ -153,9 +162,22 @@ def train_once(run_dir: Path, params: dict[str, Any], dvc_yaml: Path, label: str
     return {"params": params, "wall_s": wall, "summary": summary, **loss_curves(run_dir / "curves")}
 
 
+def compile_environment(mode: str, args: argparse.Namespace) -> dict[str, str] | None:
+    """The fast runs' environment: PyTorch's compile cache in --out/compile-cache, emptied for the fast run and
+    kept for the warm one; the other runs compile nothing."""
+    if mode not in ("fast", WARM_MODE):
+        return None
+    cache = args.out / COMPILE_CACHE
+    if mode == "fast":
+        shutil.rmtree(cache, ignore_errors=True)
+    elif not cache.is_dir():
+        raise SystemExit(f"{cache}: no compile cache to warm the {WARM_MODE} run; train --modes fast,{WARM_MODE}")
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache.resolve())}
+
+
 def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train one mode from scratch (`train_once`), its result also kept in the run's result.json."""
-    result = train_once(args.out / mode, params, args.dvc_yaml, mode)
+    result = train_once(args.out / mode, params, args.dvc_yaml, mode, compile_environment(mode, args))
     result_path(args, mode).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
 
@@ -222,6 +244,8 @@ def comparison(runs: dict[str, dict], epochs: float) -> dict[str, Any]:
         "reference_wall_s": reference_wall,
         "reference_wall_estimated": cut_short,
         "wall_speedup": None if reference_wall is None else reference_wall / fast["wall_s"],
+        "wall_speedup_warm": (None if reference_wall is None or not runs.get(WARM_MODE)
+                              else reference_wall / runs[WARM_MODE]["wall_s"]),
         "compared_steps": min(len(fast["train_loss"]), len(reference["train_loss"])),
         **loss_differences(fast, reference),
     }
@@ -242,28 +266,30 @@ PHASE_ROWS = (("imports", "process start and imports (s)"), ("setup", "setup bef
 
 def table(report: dict) -> str:
     runs, compared = report["runs"], report["comparison"]
+    shown = [mode for mode in (*MODES, WARM_MODE) if mode in runs]
 
     def row(label: str, values: list[str]) -> str:
         return f"{label:34}" + "".join(f"{value:>14}" for value in values)
 
     estimated = compared["reference_wall_estimated"]
-    lines = [row("", list(MODES)),
-             row("wall time (s)", [number(runs[m]["wall_s"], ",.1f") for m in MODES]),
+    warm = f" ({number(compared['wall_speedup_warm'], '.2f')}x warm)" if WARM_MODE in runs else ""
+    lines = [row("", shown),
+             row("wall time (s)", [number(runs[m]["wall_s"], ",.1f") for m in shown]),
              row("whole-schedule wall time (s)",
                  [number(compared["reference_wall_s"], ",.1f") + ("*" if estimated else ""),
-                  number(runs["fast"]["wall_s"], ",.1f")]),
+                  *[number(runs[m]["wall_s"], ",.1f") for m in shown[1:]]]),
              row("training samples/s", [number(runs[m]["summary"].get("step_samples_per_second"), ",.2f")
-                                        for m in MODES]),
+                                        for m in shown]),
              row("training samples/s, median step",
-                 [number(runs[m]["summary"].get("median_step_samples_per_second"), ",.2f") for m in MODES]),
-             *[row(label, [number(runs[m]["summary"].get("phase_seconds", {}).get(phase), ",.1f") for m in MODES])
+                 [number(runs[m]["summary"].get("median_step_samples_per_second"), ",.2f") for m in shown]),
+             *[row(label, [number(runs[m]["summary"].get("phase_seconds", {}).get(phase), ",.1f") for m in shown])
                for phase, label in PHASE_ROWS],
              row("peak GPU memory (GiB, rank 0)", [number(runs[m]["summary"].get("peak_gpu_memory_gib_rank0"), ".2f")
-                                                   for m in MODES]),
-             row("steps", [str(len(runs[m]["train_loss"])) for m in MODES]),
+                                                   for m in shown]),
+             row("steps", [str(len(runs[m]["train_loss"])) for m in shown]),
              row("last eval loss", [number(runs[m]["eval_loss"][-1] if runs[m]["eval_loss"] else None, ".5f")
-                                    for m in MODES]),
-             f"wall-time speed-up: {number(compared['wall_speedup'], '.2f')}x; largest relative difference of the "
+                                    for m in shown]),
+             f"wall-time speed-up: {number(compared['wall_speedup'], '.2f')}x{warm}; largest relative difference of the "
              f"fast run's step losses {number(compared['train_loss_max_rel_diff'], '.2e')} (first "
              f"{compared['compared_steps']} steps), of its eval losses "
              f"{number(compared['eval_loss_max_rel_diff'], '.2e')}"]
@@ -286,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
     runs = {mode: run_training(mode, params[mode], args) for mode in args.modes}
     runs.update({mode: earlier_run(mode, params[mode], args) for mode in MODES if mode not in runs})
-    if FP32_MODE not in runs:
-        runs[FP32_MODE] = earlier_run(FP32_MODE, params[FP32_MODE], args, required=False)
+    for mode in OPTIONAL_MODES:
+        if mode not in runs:
+            runs[mode] = earlier_run(mode, params[mode], args, required=False)
     missing = [mode for mode in MODES if runs[mode] is None]
     if missing:
         print(f"no {' or '.join(missing)} run in {args.out} yet; the comparison is made once both exist "
