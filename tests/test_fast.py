@@ -14,6 +14,7 @@ from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
     FeatureCache,
     Tiles,
+    aligned_logits,
     answer_loss,
     describe,
     install_fast_path,
@@ -24,6 +25,7 @@ from internvl_sft.fast import (
     tensor_bytes,
 )
 from internvl_sft.model.load import load_model, prepare_for_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA = TrainConfig(llm_lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=LLM_TARGETS), grad_checkpoint=False)
@@ -113,6 +115,41 @@ def test_answer_loss_equals_the_model_loss_without_lora(tiny_native):
     assert labelled == 22 and fast_items == pytest.approx(float(fast) * labelled / 40, rel=1e-6)
     torch.testing.assert_close(fast, stock, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fast_items, stock_items, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_of_an_odd_vocabulary_come_from_an_aligned_product_unchanged():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 301)  # padded to 320 rows for the product
+    states = torch.randn(7, 32, requires_grad=True)
+    expected = head(states)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), states)
+    logits = aligned_logits(states, head)
+    assert logits.shape == (7, 301)
+    torch.testing.assert_close(logits, expected)
+    (grad,) = torch.autograd.grad(logits.square().sum(), states)
+    torch.testing.assert_close(grad, expected_grad)
+    aligned = torch.nn.Linear(32, 320, bias=False)
+    assert torch.equal(aligned_logits(states, aligned), aligned(states))
+
+
+def test_adapter_inputs_left_in_the_autocast_dtype_change_no_bit(tiny_native, random_lora_b):
+    """A bf16 model with fp32 adapters under bf16 autocast (the Trainer's mixed precision), without dropout: peft
+    casts each adapter's bf16 input to fp32, the fast path does not, and the loss and gradients are the same."""
+    results, flags = [], []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = prepare_for_training(load_model(tiny_native, torch.bfloat16), LORA)
+        random_lora_b(model)
+        install_fast_path(model, dataclasses.replace(FAST, skip_lora_input_cast=skip))
+        layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        assert {layer.lora_A["default"].weight.dtype for layer in layers} == {torch.float32}
+        flags.append({layer.cast_input_dtype_enabled for layer in layers})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model, padded_batch(model.config)))
+    (cast_loss, cast_grads), (loss, grads) = results
+    assert flags == [{True}, {False}]
+    assert torch.equal(loss, cast_loss)
+    assert all(torch.equal(grads[name], grad) for name, grad in cast_grads.items())
 
 
 def test_answer_loss_chunks_give_the_same_loss():
