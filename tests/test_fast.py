@@ -16,6 +16,12 @@ from internvl_sft.fast import (
     Tiles,
     aligned_logits,
     answer_loss,
+    causal_mask_mapping,
+    choose_attention_kernels,
+    embed_patches_by_matmul,
+    is_patch_embedding,
+    patches_by_matmul,
+    vision_attention_kernels,
     describe,
     install_fast_path,
     is_right_padded,
@@ -117,6 +123,48 @@ def test_answer_loss_equals_the_model_loss_without_lora(tiny_native):
     torch.testing.assert_close(fast_items, stock_items, rtol=1e-6, atol=1e-6)
 
 
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution(tiny_native):
+    conv = load_model(tiny_native).model.vision_tower.embeddings.patch_embeddings.projection
+    pixels = torch.randn(3, 3, 112, 112)
+    assert is_patch_embedding(conv) and not is_patch_embedding(torch.nn.Conv2d(3, 8, 3, stride=1))
+    torch.testing.assert_close(patches_by_matmul(conv, pixels), conv(pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_vision_kernels_change_no_cpu_result(tiny_native):
+    """The matrix-product patch embedding is for GPUs: on the CPU the vision tower computes as it did."""
+    model = load_model(tiny_native)
+    pixels = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        before = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        assert embed_patches_by_matmul(model.model)
+        with vision_attention_kernels(True):
+            after = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+    assert torch.equal(after, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_vision_kernels_on_a_gpu_give_the_stock_vision_features(tiny_native):
+    """bf16 on a GPU: the patch embedding as a matrix product and cuDNN's attention, against cuDNN's convolution and
+    the attention kernel PyTorch picks with cuDNN's left out."""
+    model = load_model(tiny_native, torch.bfloat16).cuda()
+    pixels = torch.randn(5, 3, 112, 112, device="cuda")
+    choose_attention_kernels(FAST)
+    with torch.no_grad():
+        before = run_stages(model.model, pixels, 0, 1)
+        assert embed_patches_by_matmul(model.model)
+        with vision_attention_kernels(True):
+            after = run_stages(model.model, pixels, 0, 1)
+    torch.testing.assert_close(after, before, rtol=2e-2, atol=2e-2 * float(before.abs().max()))
+
+
+def test_a_language_model_of_full_attention_gets_its_causal_masks_as_given(tiny_native):
+    config = load_model(tiny_native).model.language_model.config
+    assert causal_mask_mapping(config) == {"full_attention": None}
+    config.layer_types = ["full_attention", "sliding_attention"]
+    assert causal_mask_mapping(config) is None
+
+
 def test_logits_of_an_odd_vocabulary_come_from_an_aligned_product_unchanged():
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 301)  # padded to 320 rows for the product
@@ -170,7 +218,8 @@ def test_answer_loss_chunks_give_the_same_loss():
 
 def with_fast_step_keys(batch: dict, config) -> dict:
     """The batch with the keys `collate` adds for the fast step."""
-    return {**batch, **token_positions(batch["input_ids"], batch["labels"], config.image_token_id), "right_padded": True}
+    positions = token_positions(batch["input_ids"], batch["labels"], config.image_token_id)
+    return {**batch, **positions, "right_padded": True}
 
 
 @pytest.mark.parametrize(
@@ -446,7 +495,7 @@ def test_padding_mask_is_dropped_only_for_right_padded_batches(tiny_native, rand
     stock = training_model(tiny_native, LORA, STOCK_FAST, random_lora_b)
     right = padded_batch(model.config)
     left = left_padded(right)
-    assert language_model_masks(model, right) == [None]
+    assert language_model_masks(model, right) == [{"full_attention": None}]  # causal attention alone, every layer
     (left_mask,) = language_model_masks(model, left)
     torch.testing.assert_close(left_mask, left["attention_mask"])
     kept = training_model(tiny_native, LORA, dataclasses.replace(FAST, drop_padding_mask=False), random_lora_b)

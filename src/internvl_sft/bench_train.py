@@ -289,8 +289,8 @@ def table(report: dict) -> str:
              row("steps", [str(len(runs[m]["train_loss"])) for m in shown]),
              row("last eval loss", [number(runs[m]["eval_loss"][-1] if runs[m]["eval_loss"] else None, ".5f")
                                     for m in shown]),
-             f"wall-time speed-up: {number(compared['wall_speedup'], '.2f')}x{warm}; largest relative difference of the "
-             f"fast run's step losses {number(compared['train_loss_max_rel_diff'], '.2e')} (first "
+             f"wall-time speed-up: {number(compared['wall_speedup'], '.2f')}x{warm}; largest relative difference of "
+             f"the fast run's step losses {number(compared['train_loss_max_rel_diff'], '.2e')} (first "
              f"{compared['compared_steps']} steps), of its eval losses "
              f"{number(compared['eval_loss_max_rel_diff'], '.2e')}"]
     against = compared.get("against_fp32")
