@@ -642,23 +642,23 @@ def choose_attention_kernels(cfg: FastConfig) -> None:
 
 def takes_fast_forward(cfg: FastConfig) -> bool:
     """Whether `install_fast_path` installs `FastForward` (compiled blocks or uncast adapter inputs alone keep
-    transformers' forward)."""
-    return cfg.answer_logits_only or cfg.frozen_vision_no_grad or bool(cfg.vision_cache_mib) or cfg.drop_padding_mask
+    transformers' forward; the vision kernels' attention choice is made in `FastForward`)."""
+    return (cfg.answer_logits_only or cfg.frozen_vision_no_grad or bool(cfg.vision_cache_mib) or cfg.drop_padding_mask
+            or cfg.vision_kernels)
 
 
-def skip_lora_input_casts(model: nn.Module) -> int:
-    """Let every peft adapter layer take its input as it comes; returns how many. peft casts an adapter's input to
-    the adapter's dtype (fp32, as the Trainer keeps trainable weights) before its dropout and product; under
-    autocast the product then casts both back to bf16, so the cast only adds fp32 copies of activations, read and
-    written around each of the adapters (in the 1B recipe's compiled step, element-wise kernels over such copies
+def skip_lora_input_casts(model: nn.Module) -> None:
+    """Let every peft adapter layer take its input as it comes. peft casts an adapter's input to the adapter's dtype
+    (fp32, as the Trainer keeps trainable weights) before its dropout and product; under autocast the product then
+    casts both back to bf16, so the cast only adds fp32 copies of activations, read and written around each of the
+    adapters (in the 1B recipe's compiled step, element-wise kernels, these copies and the dropout masks among them,
     took about a quarter of the GPU time). The product rounds its inputs to bf16 once either way: without dropout
     the loss and gradients are the same to the bit; with dropout the masks are drawn over bf16 instead of fp32
     tensors, other draws of the same distribution. Training without autocast holds adapters in the activations'
     dtype (fp32, or DeepSpeed's bf16), where peft casts nothing anyway."""
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    return len(layers)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
