@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -511,10 +510,15 @@ def patches_by_matmul(conv: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
     return flat.reshape(batch, rows, columns, -1).permute(0, 3, 1, 2)
 
 
-def embed_patches(conv: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
-    """The patch embedding by `patches_by_matmul` on a GPU; on the CPU the convolution stays (it is not the slow
-    part there, and CPU runs keep their results)."""
-    return patches_by_matmul(conv, pixels) if pixels.is_cuda else nn.Conv2d.forward(conv, pixels)
+class PatchEmbeddingConv2d(nn.Conv2d):
+    """A patch-embedding convolution computed by `patches_by_matmul` on a GPU; on the CPU the convolution stays (it
+    is not the slow part there, and CPU runs keep their results). Installed by swapping the class of the model's own
+    module: its weights, state-dict keys and hooks stay, and no attribute of it refers back to it (a forward set on
+    the instance would make a reference cycle, which only the garbage collector breaks, at any time up to the
+    interpreter's shutdown)."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return patches_by_matmul(self, pixels) if pixels.is_cuda else super().forward(pixels)
 
 
 def is_patch_embedding(conv: nn.Conv2d) -> bool:
@@ -523,12 +527,12 @@ def is_patch_embedding(conv: nn.Conv2d) -> bool:
 
 
 def embed_patches_by_matmul(inner: nn.Module) -> bool:
-    """Make the vision tower's patch embedding use `embed_patches` (its weights unchanged); False where the
-    embedding is not a plain patch convolution."""
+    """Make the vision tower's patch embedding a `PatchEmbeddingConv2d`; False where it is not a plain patch
+    convolution."""
     conv = getattr(getattr(inner.vision_tower.embeddings, "patch_embeddings", None), "projection", None)
-    if not isinstance(conv, nn.Conv2d) or not is_patch_embedding(conv):
+    if type(conv) is not nn.Conv2d or not is_patch_embedding(conv):
         return False
-    conv.forward = functools.partial(embed_patches, conv)
+    conv.__class__ = PatchEmbeddingConv2d
     return True
 
 
