@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from transformers import Trainer, TrainingArguments
 
 from internvl_sft.config import STOCK_FAST, FastConfig, LoraConfig, TrainConfig
-from internvl_sft.data.dataset import content_digest, token_positions
+from internvl_sft.data.dataset import content_digest, fast_step_inputs
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import (
     FeatureCache,
@@ -218,8 +218,7 @@ def test_answer_loss_chunks_give_the_same_loss():
 
 def with_fast_step_keys(batch: dict, config) -> dict:
     """The batch with the keys `collate` adds for the fast step."""
-    positions = token_positions(batch["input_ids"], batch["labels"], config.image_token_id)
-    return {**batch, **positions, "right_padded": True}
+    return {**batch, **fast_step_inputs(batch["input_ids"], batch["labels"], config.image_token_id)}
 
 
 @pytest.mark.parametrize(

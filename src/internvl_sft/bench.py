@@ -48,7 +48,7 @@ from transformers import PretrainedConfig
 
 from internvl_sft.bench_train import FP32_MODE, MODES, largest_relative_difference
 from internvl_sft.config import STOCK_FAST, Params, TrainConfig, load_params
-from internvl_sft.data.dataset import FAST_STEP_KEYS, content_digest, token_positions
+from internvl_sft.data.dataset import FAST_STEP_KEYS, content_digest, fast_step_inputs
 from internvl_sft.data.synthetic import LEXICON
 from internvl_sft.data.template import IGNORE_INDEX
 from internvl_sft.fast import install_fast_path, takes_fast_forward, tensor_bytes, unwrap
@@ -224,7 +224,7 @@ def with_tile_keys(batch: dict) -> dict:
 
 def with_fast_step_keys(batch: dict, image_token_id: int) -> dict:
     """The batch with the keys the train stage's `collate` adds for the fast training step."""
-    return {**batch, **token_positions(batch["input_ids"], batch["labels"], image_token_id), "right_padded": True}
+    return {**batch, **fast_step_inputs(batch["input_ids"], batch["labels"], image_token_id)}
 
 
 def pinned(batches: list[dict]) -> list[dict]:

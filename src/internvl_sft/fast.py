@@ -41,8 +41,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from internvl_sft.config import FastConfig
-from internvl_sft.data.dataset import SupervisedDataset, TileSource, content_digest
-from internvl_sft.data.template import IGNORE_INDEX
+from internvl_sft.data.dataset import SupervisedDataset, TileSource, answer_positions, content_digest, image_positions
 
 MIB = 2**20
 
@@ -65,7 +64,7 @@ def answer_loss(
     the mean over label tokens, or the sum over `num_items_in_batch` when the Trainer counted the label tokens
     of a whole accumulated batch. `positions`: the batch's `answer_positions` (found here when not given)."""
     if positions is None:
-        positions = (labels[:, 1:] != IGNORE_INDEX).nonzero().T
+        positions = answer_positions(labels)
     rows, columns = positions
     total = summed_cross_entropy(hidden[rows, columns], labels[rows, columns + 1], lm_head, chunk_tokens)
     divisor = positions.shape[1] if num_items_in_batch is None else num_items_in_batch
@@ -272,6 +271,7 @@ class FastForward:
         self.model = model
         self.cfg = cfg
         self.original = model.forward
+        self.causal_masks = causal_mask_mapping(model.model.language_model.config)
         self.cache = FeatureCache(cfg.vision_cache_mib * MIB) if cfg.vision_cache_mib else None
         self.fingerprints: dict[int, WeightsFingerprint] = {}
         self.cached_samples: list[torch.Tensor] = []
@@ -334,24 +334,23 @@ class FastForward:
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         tiles: Tiles,
-        image_positions: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The language model's last hidden states, image features placed at the image tokens (`image_positions`,
+        """The language model's last hidden states, image features placed at the image tokens (their `positions`,
         found here when not given)."""
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
         if pixel_values is not None or tiles.keys:
             with vision_attention_kernels(self.cfg.vision_kernels):
                 features = self.image_features(pixel_values, tiles, embeds.device).to(embeds.device, embeds.dtype)
-            if image_positions is None:
-                image_positions = (input_ids == inner.config.image_token_id).nonzero().T
-            embeds = place_image_features(embeds, image_positions, features)
+            if positions is None:
+                positions = image_positions(input_ids, inner.config.image_token_id)
+            embeds = place_image_features(embeds, positions, features)
         length = embeds.shape[1]
         if attention_mask is None and self.cfg.compile:
             embeds = pad_positions(embeds, self.cfg.pad_to_multiple_of)
-        language_model = inner.language_model
-        mask = causal_mask_mapping(language_model.config) if attention_mask is None else attention_mask
-        return language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :length]
+        mask = self.causal_masks if attention_mask is None else attention_mask
+        return inner.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :length]
 
     def image_features(self, pixel_values: torch.Tensor | None, tiles: Tiles, device: torch.device) -> torch.Tensor:
         """Projected features of every tile: the frozen stages without autograd (or from the cache), then the

@@ -3,7 +3,7 @@
 `collate` builds the keyword arguments of `InternVLForConditionalGeneration.forward`: right-padded
 `input_ids` / `labels` / `attention_mask` and, when the batch has images, all tiles concatenated in sample
 order, which is the order of the image tokens in the flattened batch. For the fast training path it adds where
-the answer and image tokens are (`token_positions`), and for its vision feature cache one key and one source per
+the answer and image tokens are (`fast_step_inputs`), and for its vision feature cache one key and one source per
 tile in tile order; the pixels of a sample whose tiles the cache holds are then left out.
 """
 
@@ -261,16 +261,25 @@ def random_jpeg_quality() -> int:
     return int(torch.randint(low, high + 1, ()).item())
 
 
-def token_positions(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
-    """(2, n) row and column indices, in row-major order: `answer_positions`, the positions whose next token is
-    labelled, and `image_positions`, the image tokens. Computed on the CPU with the batch, they let the fast
-    training step pick those positions on the GPU without waiting for it: turning a mask into positions on the GPU
-    makes the host wait there until every kernel queued before has run."""
-    return {"answer_positions": (labels[:, 1:] != IGNORE_INDEX).nonzero().T.contiguous(),
-            "image_positions": (input_ids == image_token_id).nonzero().T.contiguous()}
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(2, n) rows and columns, in row-major order, of the positions whose next token is labelled."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero().T.contiguous()
 
 
-# The keys `collate` adds for the fast training step: the token positions, and that the padding is on the right.
+def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(2, n) rows and columns, in row-major order, of the image tokens."""
+    return (input_ids == image_token_id).nonzero().T.contiguous()
+
+
+def fast_step_inputs(input_ids: torch.Tensor, labels: torch.Tensor, image_token_id: int) -> dict:
+    """The `FAST_STEP_KEYS` of a right-padded batch: its answer and image positions and that it is right-padded.
+    Computed on the CPU with the batch, the positions let the fast training step pick them on the GPU without
+    waiting for it: turning a mask into positions on the GPU makes the host wait there until every kernel queued
+    before has run."""
+    return {"answer_positions": answer_positions(labels), "image_positions": image_positions(input_ids, image_token_id),
+            "right_padded": True}
+
+
 FAST_STEP_KEYS = ("answer_positions", "image_positions", "right_padded")
 
 
@@ -293,7 +302,7 @@ def collate(batch: list[dict], pad_token_id: int | None, image_token_id: int | N
     if tiles:
         collated["pixel_values"] = torch.cat(tiles)
     if image_token_id is not None:
-        collated.update(token_positions(input_ids, labels, image_token_id), right_padded=True)
+        collated.update(fast_step_inputs(input_ids, labels, image_token_id))
     if any(item["num_tiles"] for item in batch) and all("tile_keys" in item for item in batch):
         collated["tile_keys"] = [key for item in batch for key in item["tile_keys"]]
     if "tile_keys" in collated and all("tile_source" in item for item in batch):
