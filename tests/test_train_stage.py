@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import Trainer
 
+from internvl_sft.model.load import load_model
 from internvl_sft.stages import train
 
 
@@ -113,3 +115,14 @@ def test_cuda_graphs_are_refused_with_every_unmet_need_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="cuda_graphs needs deepspeed: none; one process; no gradient accumulation"):
         train.check_combination(dataclasses.replace(graphs, per_device_batch_size=4, deepspeed="zero1"))
+
+
+def test_the_flop_estimate_is_transformers_one_with_the_parameters_counted_once(tiny_native, monkeypatch):
+    model = load_model(tiny_native)
+    inputs = {"input_ids": torch.zeros(3, 40, dtype=torch.long)}
+    trainer = SimpleNamespace(model=model, parameter_count=None)
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    assert train.InternVLTrainer.floating_point_ops(trainer, inputs) == expected > 0
+    monkeypatch.setattr(model, "num_parameters", lambda **kwargs: pytest.fail("counted again"))
+    assert train.InternVLTrainer.floating_point_ops(trainer, inputs) == expected
+    assert train.InternVLTrainer.floating_point_ops(trainer, {"pixel_values": torch.zeros(1)}) == 0

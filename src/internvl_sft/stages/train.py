@@ -197,6 +197,7 @@ class InternVLTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
         self.phases = PhaseClock()
+        self.parameter_count: int | None = None
 
     def get_train_dataloader(self):
         return self.worker_seeds_apart(super().get_train_dataloader())
@@ -226,6 +227,15 @@ class InternVLTrainer(Trainer):
     def _load_best_model(self, *args, **kwargs):
         with self.phases.timed("load_best"):
             return super()._load_best_model(*args, **kwargs)
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """transformers' estimate, 6 x input tokens x parameters besides the embeddings, with the parameters counted
+        once: counting them walks every module of the model, milliseconds of host time every step."""
+        if "input_ids" not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self.parameter_count is None:
+            self.parameter_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["input_ids"].numel() * self.parameter_count
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.group_by_length:
