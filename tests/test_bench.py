@@ -171,7 +171,7 @@ def test_master_weights_add_up_updates_below_the_dtypes_precision():
     master = optimizer.targets[0]
     assert master.dtype == torch.float32 and master == pytest.approx(torch.full((4,), 0.98), abs=1e-4)
     assert torch.equal(param.detach(), master.to(torch.bfloat16)) and param.grad is None
-    assert master.grad.dtype == torch.float32 and master.grad == pytest.approx(torch.full((4,), 0.5))  # the last, clipped
+    assert master.grad.dtype == torch.float32 and master.grad == pytest.approx(torch.full((4,), 0.5))  # last, clipped
 
 
 def test_deepspeed_recipe_trains_bf16_weights_without_autocast(tmp_path):

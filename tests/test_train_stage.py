@@ -1,5 +1,5 @@
 """Units of the train stage: the training-only throughput (evaluations, saves and warm-up steps left out), the
-settings refused together, when data-loader workers live through the run."""
+settings refused together, when data-loader workers live through the run, the FLOP estimate's parameter count."""
 
 import dataclasses
 from pathlib import Path

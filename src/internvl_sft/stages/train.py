@@ -231,11 +231,12 @@ class InternVLTrainer(Trainer):
     def floating_point_ops(self, inputs: dict) -> int:
         """transformers' estimate, 6 x input tokens x parameters besides the embeddings, with the parameters counted
         once: counting them walks every module of the model, milliseconds of host time every step."""
-        if "input_ids" not in inputs or not hasattr(self.model, "num_parameters"):
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
         if self.parameter_count is None:
             self.parameter_count = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs["input_ids"].numel() * self.parameter_count
+        return 6 * inputs[main_input].numel() * self.parameter_count
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.group_by_length:
