@@ -313,9 +313,7 @@ class FastForward:
             raise TypeError(f"the fast training forward takes no {', '.join(sorted(kwargs))}")
         if self.cfg.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused now
-        if right_padded is None:
-            right_padded = is_right_padded(attention_mask)
-        if self.cfg.drop_padding_mask and right_padded:
+        if self.cfg.drop_padding_mask and (is_right_padded(attention_mask) if right_padded is None else right_padded):
             attention_mask = None
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources),
                                     image_positions)
