@@ -320,13 +320,15 @@ def test_cache_on_a_gpu_holds_page_locked_rows_and_returns_them_unchanged(tiny_n
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lora_b):
-    """SGD steps over batches of two lengths, each length recorded once and then replayed: the same losses and
-    LoRA weights as the compiled blocks launching their kernels one by one."""
+@pytest.mark.parametrize("trained_projector", [False, True], ids=["adapters", "adapters-and-projector"])
+def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lora_b, trained_projector):
+    """SGD steps over batches of two shapes, each recorded once and then replayed: the same losses and trained
+    weights as the compiled blocks launching their kernels one by one; evaluation runs outside the graphs."""
+    cfg = dataclasses.replace(LORA, freeze_mlp=not trained_projector)
     runs = []
     for graphs in (False, True):
         fast = dataclasses.replace(FAST, compile=True, cuda_graphs=graphs, pad_to_multiple_of=16)
-        model = training_model(tiny_native, LORA, fast, random_lora_b).cuda()
+        model = training_model(tiny_native, cfg, fast, random_lora_b).cuda().train()
         batch = padded_batch(model.config)
         shorter = {key: value if key == "pixel_values" else value[[0, 2], :-5] for key, value in batch.items()}
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -338,12 +340,27 @@ def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lo
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            losses.append(model(**{key: value.cuda() for key, value in batch.items()}).loss.item())
         runs.append((losses, [p.detach().cpu() for p in trained]))
-    assert counters["inductor"]["cudagraph_skips"] == 0 and counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    recorded = model.get_base_model().forward.graphs
+    assert len(recorded.recorded) == 2 and recorded.replays == 5
     (plain_losses, plain_weights), (graph_losses, graph_weights) = runs
     torch.testing.assert_close(graph_losses, plain_losses, rtol=1e-5, atol=1e-5)
     for graph_weight, plain_weight in zip(graph_weights, plain_weights):
-        assert_close_to_scale(graph_weight, plain_weight, "LoRA weight")
+        assert_close_to_scale(graph_weight, plain_weight, "trained weight")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_draw_new_dropout_masks_at_every_replay(tiny_native, random_lora_b):
+    cfg = dataclasses.replace(LORA, llm_lora=dataclasses.replace(LORA.llm_lora, dropout=0.5))
+    fast = dataclasses.replace(FAST, compile=True, cuda_graphs=True, pad_to_multiple_of=16)
+    model = training_model(tiny_native, cfg, fast, random_lora_b).cuda().train()
+    batch = {key: value.cuda() for key, value in padded_batch(model.config).items()}
+    losses = [model(**batch).loss.item() for _ in range(3)]
+    assert model.get_base_model().forward.graphs.replays == 3 and len(set(losses)) == 3
 
 
 @pytest.mark.gpu
@@ -435,7 +452,7 @@ def test_the_log_line_names_every_switch_that_is_on():
     assert compiled_only == "fast path: transformer blocks compiled"
     everything = describe(FastConfig(logit_chunk_tokens=8, vision_cache_mib=4, compile=True, cuda_graphs=True))
     for words in ("label positions only, 8 positions a chunk", "without autograd", "cache of 4 MiB", "compiled",
-                  "language blocks as CUDA graphs", "without cuDNN", "without the padding mask",
+                  "answer loss and backward as CUDA graphs", "without cuDNN", "without the padding mask",
                   "lengths padded to multiples of 8"):
         assert words in everything
     assert "lengths padded" not in describe(FastConfig())  # uncompiled: nothing is padded

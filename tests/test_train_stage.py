@@ -106,15 +106,22 @@ def test_cuda_graphs_are_refused_with_every_unmet_need_named(monkeypatch):
     cfg = train.load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
     graphs = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, compile=True, cuda_graphs=True),
                                  global_batch_size=16, per_device_batch_size=16, deepspeed="none")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     train.check_combination(graphs)
-    uncompiled = dataclasses.replace(graphs, fast=dataclasses.replace(graphs.fast, compile=False),
+    uncompiled = dataclasses.replace(graphs, fast=dataclasses.replace(graphs.fast, compile=False,
+                                                                      answer_logits_only=False),
                                      per_device_batch_size=8, grad_checkpoint=True)
-    with pytest.raises(SystemExit, match=r"cuda_graphs needs compile: true; grad_checkpoint: false; no gradient "
-                                         r"accumulation \(per_device_batch_size = global_batch_size\)$"):
+    with pytest.raises(SystemExit, match=r"cuda_graphs needs compile: true; answer_logits_only: true; grad_checkpoint: "
+                                         r"false; no gradient accumulation \(per_device_batch_size = "
+                                         r"global_batch_size\)$"):
         train.check_combination(uncompiled)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="cuda_graphs needs deepspeed: none; one process; no gradient accumulation"):
         train.check_combination(dataclasses.replace(graphs, per_device_batch_size=4, deepspeed="zero1"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="cuda_graphs needs a CUDA GPU$"):
+        train.check_combination(graphs)
 
 
 def test_the_flop_estimate_is_transformers_one_with_the_parameters_counted_once(tiny_native, monkeypatch):

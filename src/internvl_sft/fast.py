@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -42,6 +43,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from internvl_sft.config import FastConfig
 from internvl_sft.data.dataset import SupervisedDataset, TileSource, answer_positions, content_digest, image_positions
+from internvl_sft.graphs import AnswerLossGraphs
 
 MIB = 2**20
 
@@ -67,10 +69,14 @@ def answer_loss(
         positions = answer_positions(labels)
     rows, columns = positions
     total = summed_cross_entropy(hidden[rows, columns], labels[rows, columns + 1], lm_head, chunk_tokens)
+    return total / loss_divisor(positions, num_items_in_batch, total.device)
+
+
+def loss_divisor(positions: torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
+                 device: torch.device) -> torch.Tensor | int:
+    """The label tokens of the batch (`positions`), or of the accumulated batch as the Trainer counted them."""
     divisor = positions.shape[1] if num_items_in_batch is None else num_items_in_batch
-    if torch.is_tensor(divisor):
-        divisor = divisor.to(total.device)
-    return total / divisor
+    return divisor.to(device) if torch.is_tensor(divisor) else divisor
 
 
 def summed_cross_entropy(
@@ -279,6 +285,14 @@ class FastForward:
         self.tiles_without_pixels = 0
         if self.cache is not None:
             check_cacheable(model.model)
+        self.graphs = self.answer_loss_graphs() if cfg.cuda_graphs else None
+
+    def answer_loss_graphs(self) -> AnswerLossGraphs:
+        if self.causal_masks is None:
+            raise ValueError("cuda_graphs needs a language model whose every layer attends to all earlier positions "
+                             "(layers with sliding windows build their masks from the data each step)")
+        return AnswerLossGraphs(self.model.model.language_model, self.model.lm_head, self.causal_masks,
+                                functools.partial(summed_cross_entropy, chunk_tokens=self.cfg.logit_chunk_tokens))
 
     def share_cached_samples(self, *datasets: SupervisedDataset) -> None:
         """Flag, in memory the data-loader workers share, each sample of the datasets whose every tile's features
@@ -311,12 +325,14 @@ class FastForward:
                                  **kwargs)
         if kwargs:
             raise TypeError(f"the fast training forward takes no {', '.join(sorted(kwargs))}")
-        if self.cfg.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused now
         if self.cfg.drop_padding_mask and (is_right_padded(attention_mask) if right_padded is None else right_padded):
             attention_mask = None
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources),
-                                    image_positions)
+        embeds, mask = self.language_inputs(input_ids, attention_mask, pixel_values, Tiles(tile_keys, tile_sources),
+                                            image_positions)
+        if self.takes_graphs(mask):
+            return CausalLMOutputWithPast(loss=self.graphed_loss(embeds, labels, answer_positions, num_items_in_batch))
+        hidden = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        hidden = hidden[:, : input_ids.shape[1]]
         if self.cfg.answer_logits_only:
             loss = answer_loss(hidden, labels, self.model.lm_head, num_items_in_batch, self.cfg.logit_chunk_tokens,
                                answer_positions)
@@ -326,16 +342,16 @@ class FastForward:
                                         vocab_size=self.model.config.text_config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def hidden_states(
+    def language_inputs(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         tiles: Tiles,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The language model's last hidden states, image features placed at the image tokens (their `positions`,
-        found here when not given)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | dict | None]:
+        """The language model's input embeddings, image features placed at the image tokens (their `positions`,
+        found here when not given), and its attention mask (the causal masks when the padding mask is dropped)."""
         inner = self.model.model
         embeds = inner.get_input_embeddings()(input_ids)
         if pixel_values is not None or tiles.keys:
@@ -344,11 +360,26 @@ class FastForward:
             if positions is None:
                 positions = image_positions(input_ids, inner.config.image_token_id)
             embeds = place_image_features(embeds, positions, features)
-        length = embeds.shape[1]
-        if attention_mask is None and self.cfg.compile:
+        if attention_mask is not None:
+            return embeds, attention_mask
+        if self.cfg.compile:
             embeds = pad_positions(embeds, self.cfg.pad_to_multiple_of)
-        mask = self.causal_masks if attention_mask is None else attention_mask
-        return inner.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, :length]
+        return embeds, self.causal_masks
+
+    def takes_graphs(self, mask) -> bool:
+        """Whether this call runs through the recorded graphs: a training step (gradients on, training mode) of a
+        batch attended causally alone."""
+        return (self.graphs is not None and mask is self.causal_masks and torch.is_grad_enabled()
+                and self.model.training)
+
+    def graphed_loss(self, embeds: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+                     num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """`answer_loss` of the language model's output, both from the recorded graphs."""
+        if positions is None:
+            positions = answer_positions(labels)
+        rows, columns = positions
+        total = self.graphs(embeds, rows, columns, labels[rows, columns + 1])
+        return total / loss_divisor(positions, num_items_in_batch, total.device)
 
     def image_features(self, pixel_values: torch.Tensor | None, tiles: Tiles, device: torch.device) -> torch.Tensor:
         """Projected features of every tile: the frozen stages without autograd (or from the cache), then the
@@ -440,7 +471,9 @@ def describe(cfg: FastConfig) -> str:
     if cfg.vision_cache_mib:
         parts.append(f"vision feature cache of {cfg.vision_cache_mib} MiB")
     if cfg.compile:
-        parts.append("transformer blocks compiled" + (", language blocks as CUDA graphs" if cfg.cuda_graphs else ""))
+        parts.append("transformer blocks compiled")
+    if cfg.cuda_graphs:
+        parts.append("language model, answer loss and backward as CUDA graphs")
     if cfg.sdpa_without_cudnn:
         parts.append("attention without cuDNN's kernels")
     if cfg.skip_lora_input_cast:
@@ -557,21 +590,16 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def compile_blocks(model: nn.Module, cuda_graphs: bool = False) -> int:
+def compile_blocks(model: nn.Module) -> int:
     """torch.compile each transformer block of the language model and of the vision tower (blocks of one kind
     share their compiled code); returns how many. Fuses the element-wise work around the matrix products
-    (norms, activations, rotary embeddings, LoRA scaling), not exact to the last bit. With `cuda_graphs` the
-    language blocks' kernels, forward and backward, are recorded as CUDA graphs (one set per batch shape) and
-    replayed with a single launch each: once the vision cache holds every tile, launching those kernels one by
-    one from Python took the 1B recipe's step about twice its GPU time. The vision blocks, which run once per
-    tile with ever-changing tile counts, stay without."""
+    (norms, activations, rotary embeddings, LoRA scaling), not exact to the last bit."""
     inner = unwrap(model).model
     allow_block_variants()
     if is_frozen(inner.vision_tower) and not has_dropout(inner.vision_tower):
         hold_in_eval_mode(inner.vision_tower)
-    language_mode = "reduce-overhead" if cuda_graphs else None
     for block in inner.language_model.layers:
-        compile_with_dynamic_dims(block, LANGUAGE_DYNAMIC_DIMS, language_mode)
+        compile_with_dynamic_dims(block, LANGUAGE_DYNAMIC_DIMS)
     for block in inner.vision_tower.encoder.layer:
         compile_with_dynamic_dims(block, VISION_DYNAMIC_DIMS)
     return len(inner.language_model.layers) + len(inner.vision_tower.encoder.layer)
@@ -591,12 +619,12 @@ def hold_in_eval_mode(module: nn.Module) -> None:
     module.train = lambda mode=True: module
 
 
-def compile_with_dynamic_dims(block: nn.Module, dims: tuple[int, ...], mode: str | None = None) -> None:
+def compile_with_dynamic_dims(block: nn.Module, dims: tuple[int, ...]) -> None:
     """`block.compile()`, with `dims` of every tensor argument compiled as symbolic sizes from the first call on.
     Left to itself, torch.compile specialises a block to the first batch's sizes and compiles it again for the
     second batch's, then for the last, shorter batch: on the 1B recipe each compilation of the language block took
     about 28 s of the first epoch. Every tensor that shares a size must be marked, or the unmarked one pins it."""
-    compiled = torch.compile(block._call_impl, mode=mode)
+    compiled = torch.compile(block._call_impl)
 
     def call(*args, **kwargs):
         for tensor in tensor_arguments((args, kwargs)):
@@ -671,7 +699,7 @@ def install_fast_path(model: nn.Module, cfg: FastConfig) -> FastForward | None:
     if cfg.vision_kernels:
         embed_patches_by_matmul(unwrap(model).model)
     if cfg.compile:
-        compile_blocks(model, cfg.cuda_graphs)
+        compile_blocks(model)
     if not takes_fast_forward(cfg):
         return None
     base = unwrap(model)

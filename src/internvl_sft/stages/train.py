@@ -78,11 +78,13 @@ def check_combination(cfg: TrainConfig) -> None:
 
 
 def check_cuda_graphs(cfg: TrainConfig) -> None:
-    """CUDA graphs write each step's gradients into memory the next step's replay reuses: only where nothing
-    holds a gradient across steps or hooks into the backward pass, and only over compiled blocks."""
+    """The recorded graphs cover the language model and the answer loss of a single process's step over compiled
+    blocks; what they were not built and checked for is refused."""
     accumulation = gradient_accumulation(cfg.global_batch_size, cfg.per_device_batch_size, world_size())
     needs = {
+        "a CUDA GPU": torch.cuda.is_available(),
         "compile: true": cfg.fast.compile,
+        "answer_logits_only: true": cfg.fast.answer_logits_only,
         "drop_padding_mask: true (batches padded to a few lengths)": cfg.fast.drop_padding_mask,
         "grad_checkpoint: false": not cfg.grad_checkpoint,
         "deepspeed: none": cfg.deepspeed == "none",
