@@ -79,3 +79,24 @@ def test_a_new_compile_kind_is_a_batch_of_one_an_unaligned_length_or_one_needing
     assert compile_kind(torch.zeros(1, 64, 4)) == (True, True, False)
     assert compile_kind(torch.zeros(16, 60, 4)) == (False, False, False)
     assert compile_kind(torch.zeros(16, 64, 4, requires_grad=True)) == (False, True, True)
+
+
+def test_graphs_take_only_training_steps_attended_causally_alone(tiny_native, random_lora_b):
+    model = training_model(tiny_native, LORA, dataclasses.replace(FAST, compile=True, cuda_graphs=True), random_lora_b)
+    fast = model.get_base_model().forward
+    causal = fast.causal_masks
+    model.train()
+    assert fast.takes_graphs(causal)
+    assert not fast.takes_graphs(torch.ones(2, 5, dtype=torch.long))  # a padding mask kept: left-padded
+    with torch.no_grad():
+        assert not fast.takes_graphs(causal)
+    model.eval()
+    assert not fast.takes_graphs(causal)
+    assert not training_model(tiny_native, LORA, FAST, random_lora_b).get_base_model().forward.takes_graphs(causal)
+
+
+def test_graphs_refuse_a_language_model_that_builds_its_own_masks(tiny_native, random_lora_b):
+    fast = training_model(tiny_native, LORA, FAST, random_lora_b).get_base_model().forward
+    fast.causal_masks = None  # as for layers with sliding windows
+    with pytest.raises(ValueError, match="cuda_graphs needs a language model whose every layer attends"):
+        fast.answer_loss_graphs()
