@@ -18,6 +18,8 @@ back-propagated for nothing. `FastForward` replaces the model's forward for call
 - the answer and image positions come with the batch from `collate`, found on the CPU, so the step queues its
   GPU work without once waiting for the GPU (a mask turned into positions on the GPU waits there for every kernel
   queued before it, and the host's next launches wait with it).
+- opt-in, a training step's language model, answer loss and backward run as CUDA graphs recorded per batch shape
+  (`graphs.py`), each replayed with one launch instead of thousands from Python.
 
 It is installed as the forward of the model instance, so the Trainer's loss scaling, DDP's gradient hooks and
 DeepSpeed's engine all see one ordinary forward call: computing the loss from sub-modules in

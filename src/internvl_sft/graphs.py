@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,7 +77,8 @@ class AnswerLossGraphs:
     """The summed answer loss of the language model's last hidden states, from recorded graphs. `masks`: what the
     language model gets as its attention mask (causal attention alone)."""
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, masks, summed_loss):
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, masks: dict[str, None],
+                 summed_loss: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]):
         self.language_model = language_model
         self.lm_head = lm_head
         self.masks = masks
