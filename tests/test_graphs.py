@@ -100,3 +100,16 @@ def test_graphs_refuse_a_language_model_that_builds_its_own_masks(tiny_native, r
     fast.causal_masks = None  # as for layers with sliding windows
     with pytest.raises(ValueError, match="cuda_graphs needs a language model whose every layer attends"):
         fast.answer_loss_graphs()
+
+
+def test_held_leaf_nodes_are_the_ones_later_graphs_use(tiny_native, random_lora_b):
+    """The gradient nodes of the trained parameters, created once by the graphs (on their recording stream, on a
+    GPU), are the ones every later autograd graph, such as the next step's `ReplayedGradients`, connects to."""
+    model = training_model(tiny_native, LORA, FAST, random_lora_b)
+    graphs = graphs_of(model)
+    graphs.hold_leaf_nodes(torch.zeros(2, 3))
+    held = {id(p): graphs.leaf_edges[id(p)].node for p in graphs.trained_parameters}
+    assert len(graphs.leaf_edges) == len(held) > 0
+    loss = ReplayedGradients.apply(torch.tensor(1.0), [None] * len(held), *graphs.trained_parameters)
+    later = [node for node, _ in loss.grad_fn.next_functions[1:]]  # after the loss the replay computed
+    assert all(node is held[id(p)] for node, p in zip(later, graphs.trained_parameters))
