@@ -6,8 +6,8 @@ launching its kernels one by one from Python took about twice their GPU time: 24
 backward in autograd's thread, the adapters' gradient kernels. Recorded once, the step's whole language-model part
 is one launch. Forward and backward are recorded together so the activations saved for the backward pass are the
 graph's own temporaries: graphs of every shape share one memory pool, which holds the largest shape's activations
-once (recording forward and backward apart would keep each shape's saved activations alive for good: about 40 GiB
-at 16 samples of 1,920 positions in the 1B recipe).
+once (recording forward and backward apart would keep every shape's saved activations alive for good, each as
+large as an eager step's). In the 1B recipe's 20-epoch run the peak memory grew from 42.7 to 46.0 GiB.
 
 The graph computes the summed loss and its gradients at each replay; `ReplayedGradients` hands them to autograd
 when the Trainer calls `backward`, scaled by the gradient it passes down (the Trainer's loss scaling), so the
