@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from peft import PeftModel
@@ -67,18 +67,26 @@ def answer_loss(
     """Next-token cross-entropy over the labelled positions only, reduced as transformers' causal-LM loss is:
     the mean over label tokens, or the sum over `num_items_in_batch` when the Trainer counted the label tokens
     of a whole accumulated batch. `positions`: the batch's `answer_positions` (found here when not given)."""
+    def summed(rows: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return summed_cross_entropy(hidden[rows, columns], targets, lm_head, chunk_tokens)
+
+    return reduced_answer_loss(summed, labels, positions, num_items_in_batch)
+
+
+def reduced_answer_loss(
+    summed: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    positions: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> torch.Tensor:
+    """`summed(rows, columns, targets)`, the summed loss at the answer positions and their next tokens, over the
+    label tokens of the batch or, as the Trainer counted them, of the accumulated batch."""
     if positions is None:
         positions = answer_positions(labels)
     rows, columns = positions
-    total = summed_cross_entropy(hidden[rows, columns], labels[rows, columns + 1], lm_head, chunk_tokens)
-    return total / loss_divisor(positions, num_items_in_batch, total.device)
-
-
-def loss_divisor(positions: torch.Tensor, num_items_in_batch: torch.Tensor | int | None,
-                 device: torch.device) -> torch.Tensor | int:
-    """The label tokens of the batch (`positions`), or of the accumulated batch as the Trainer counted them."""
+    total = summed(rows, columns, labels[rows, columns + 1])
     divisor = positions.shape[1] if num_items_in_batch is None else num_items_in_batch
-    return divisor.to(device) if torch.is_tensor(divisor) else divisor
+    return total / (divisor.to(total.device) if torch.is_tensor(divisor) else divisor)
 
 
 def summed_cross_entropy(
@@ -377,11 +385,7 @@ class FastForward:
     def graphed_loss(self, embeds: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
                      num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
         """`answer_loss` of the language model's output, both from the recorded graphs."""
-        if positions is None:
-            positions = answer_positions(labels)
-        rows, columns = positions
-        total = self.graphs(embeds, rows, columns, labels[rows, columns + 1])
-        return total / loss_divisor(positions, num_items_in_batch, total.device)
+        return reduced_answer_loss(functools.partial(self.graphs, embeds), labels, positions, num_items_in_batch)
 
     def image_features(self, pixel_values: torch.Tensor | None, tiles: Tiles, device: torch.device) -> torch.Tensor:
         """Projected features of every tile: the frozen stages without autograd (or from the cache), then the
