@@ -323,7 +323,8 @@ def test_cache_on_a_gpu_holds_page_locked_rows_and_returns_them_unchanged(tiny_n
 @pytest.mark.parametrize("trained_projector", [False, True], ids=["adapters", "adapters-and-projector"])
 def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lora_b, trained_projector):
     """SGD steps over batches of two shapes, each recorded once and then replayed: the same losses and trained
-    weights as the compiled blocks launching their kernels one by one; evaluation runs outside the graphs."""
+    weights as the compiled blocks launching their kernels one by one, and the same evaluation losses (an
+    evaluation batch recorded once more, forward and loss alone, and replayed)."""
     cfg = dataclasses.replace(LORA, freeze_mlp=not trained_projector)
     runs = []
     for graphs in (False, True):
@@ -342,10 +343,11 @@ def test_cuda_graphs_train_like_the_compiled_blocks_alone(tiny_native, random_lo
             losses.append(loss.item())
         model.eval()
         with torch.no_grad():
-            losses.append(model(**{key: value.cuda() for key, value in batch.items()}).loss.item())
+            for step in (batch, batch):
+                losses.append(model(**{key: value.cuda() for key, value in step.items()}).loss.item())
         runs.append((losses, [p.detach().cpu() for p in trained]))
     recorded = model.get_base_model().forward.graphs
-    assert len(recorded.recorded) == 2 and recorded.replays == 5
+    assert len(recorded.recorded) == 3 and recorded.replays == 7
     (plain_losses, plain_weights), (graph_losses, graph_weights) = runs
     torch.testing.assert_close(graph_losses, plain_losses, rtol=1e-5, atol=1e-5)
     for graph_weight, plain_weight in zip(graph_weights, plain_weights):

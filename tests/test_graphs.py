@@ -59,6 +59,23 @@ def test_the_recorded_function_gives_the_fast_loss_and_gradients_with_padded_slo
         torch.testing.assert_close(gradient, wanted)
 
 
+def test_the_recorded_function_without_gradients_is_the_summed_loss_alone(tiny_native, random_lora_b):
+    """An evaluation's graph: the same summed loss over padded slots, and no gradients."""
+    model = training_model(tiny_native, LORA, FAST, random_lora_b).eval()
+    batch = padded_batch(model.config)
+    fast = model.get_base_model().forward
+    positions = answer_positions(batch["labels"])
+    rows, columns = positions
+    with torch.no_grad():
+        embeds, _ = fast.language_inputs(batch["input_ids"], None, batch["pixel_values"], Tiles(None, None))
+        hidden = model.get_base_model().model.language_model(inputs_embeds=embeds).last_hidden_state
+        expected = answer_loss(hidden, batch["labels"], model.get_base_model().lm_head, positions=positions)
+        slots = padded_answers(rows, columns, batch["labels"][rows, columns + 1], answer_slots(positions.shape[1]))
+        total, gradients = graphs_of(model).loss_and_gradients(embeds, *slots)
+    torch.testing.assert_close(total, expected * positions.shape[1])
+    assert gradients == [] and not total.requires_grad
+
+
 def test_replayed_gradients_reach_each_input_times_the_gradient_passed_down():
     weight = torch.nn.Parameter(torch.ones(3))
     unused = torch.nn.Parameter(torch.ones(2))
@@ -72,16 +89,18 @@ def test_replayed_gradients_reach_each_input_times_the_gradient_passed_down():
     assert weight.grad.tolist() == [3.75, 5.0, 6.25]  # accumulated as autograd does
 
 
-def test_a_new_compile_kind_is_a_batch_of_one_an_unaligned_length_or_one_needing_gradients():
+def test_a_new_compile_kind_is_a_batch_of_one_an_unaligned_length_one_needing_gradients_or_an_evaluation():
     kinds = {compile_kind(torch.zeros(batch, length, 4, requires_grad=grad))
              for batch, length, grad in ((16, 64, False), (9, 1920, False), (16, 72, False))}
-    assert kinds == {(False, True, False)}
-    assert compile_kind(torch.zeros(1, 64, 4)) == (True, True, False)
-    assert compile_kind(torch.zeros(16, 60, 4)) == (False, False, False)
-    assert compile_kind(torch.zeros(16, 64, 4, requires_grad=True)) == (False, True, True)
+    assert kinds == {(False, True, False, True)}
+    assert compile_kind(torch.zeros(1, 64, 4)) == (True, True, False, True)
+    assert compile_kind(torch.zeros(16, 60, 4)) == (False, False, False, True)
+    assert compile_kind(torch.zeros(16, 64, 4, requires_grad=True)) == (False, True, True, True)
+    with torch.no_grad():
+        assert compile_kind(torch.zeros(16, 64, 4)) == (False, True, False, False)
 
 
-def test_graphs_take_only_training_steps_attended_causally_alone(tiny_native, random_lora_b):
+def test_graphs_take_training_steps_and_evaluations_attended_causally_alone(tiny_native, random_lora_b):
     model = training_model(tiny_native, LORA, dataclasses.replace(FAST, compile=True, cuda_graphs=True), random_lora_b)
     fast = model.get_base_model().forward
     causal = fast.causal_masks
@@ -89,9 +108,12 @@ def test_graphs_take_only_training_steps_attended_causally_alone(tiny_native, ra
     assert fast.takes_graphs(causal)
     assert not fast.takes_graphs(torch.ones(2, 5, dtype=torch.long))  # a padding mask kept: left-padded
     with torch.no_grad():
-        assert not fast.takes_graphs(causal)
+        assert not fast.takes_graphs(causal)  # training mode (dropout) without gradients: nothing recorded for it
     model.eval()
     assert not fast.takes_graphs(causal)
+    with torch.no_grad():
+        assert fast.takes_graphs(causal)
+        assert not fast.takes_graphs(torch.ones(2, 5, dtype=torch.long))
     assert not training_model(tiny_native, LORA, FAST, random_lora_b).get_base_model().forward.takes_graphs(causal)
 
 

@@ -377,10 +377,10 @@ class FastForward:
         return embeds, self.causal_masks
 
     def takes_graphs(self, mask) -> bool:
-        """Whether this call runs through the recorded graphs: a training step (gradients on, training mode) of a
-        batch attended causally alone."""
-        return (self.graphs is not None and mask is self.causal_masks and torch.is_grad_enabled()
-                and self.model.training)
+        """Whether this call runs through the recorded graphs: a training step (gradients on, training mode) or an
+        evaluation (gradients off, evaluation mode) of a batch attended causally alone."""
+        return (self.graphs is not None and mask is self.causal_masks
+                and torch.is_grad_enabled() == self.model.training)
 
     def graphed_loss(self, embeds: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
                      num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:

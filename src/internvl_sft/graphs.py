@@ -11,7 +11,8 @@ large as an eager step's). In the 1B recipe's 20-epoch run the peak memory grew 
 
 The graph computes the summed loss and its gradients at each replay; `ReplayedGradients` hands them to autograd
 when the Trainer calls `backward`, scaled by the gradient it passes down (the Trainer's loss scaling), so the
-Trainer's clipping, optimizer and logging see ordinary gradients. Each graph's inputs are fixed buffers: the input
+Trainer's clipping, optimizer and logging see ordinary gradients. Evaluation batches (no gradients) get graphs of
+the forward and the loss alone, in the same pool: the Trainer evaluates the same batches every epoch. Each graph's inputs are fixed buffers: the input
 embeddings (the cached or freshly computed image features already placed), the answer positions and their target
 tokens, padded with ignored targets to a few counts (`answer_slots`).
 """
@@ -99,6 +100,8 @@ class AnswerLossGraphs:
                 buffer.copy_(value, non_blocking=True)
         step.graph.replay()
         self.replays += 1
+        if not torch.is_grad_enabled():
+            return step.total.clone()  # the next replay overwrites the graph's own output
         return ReplayedGradients.apply(step.total, step.gradients, *self.gradient_inputs(embeds))
 
     @functools.cached_property
@@ -111,12 +114,13 @@ class AnswerLossGraphs:
         return ([embeds] if embeds.requires_grad else []) + self.trained_parameters
 
     def step_for(self, embeds: torch.Tensor, slots: int) -> RecordedStep:
-        key = (tuple(embeds.shape), embeds.dtype, embeds.requires_grad, slots, torch.is_autocast_enabled("cuda"))
+        kind = compile_kind(embeds)
+        key = (tuple(embeds.shape), embeds.dtype, kind, slots, torch.is_autocast_enabled("cuda"))
         if key not in self.recorded:
-            self.recorded[key] = self.record(embeds, slots)
+            self.recorded[key] = self.record(embeds, slots, new_kind=kind not in {known[2] for known in self.recorded})
         return self.recorded[key]
 
-    def record(self, embeds: torch.Tensor, slots: int) -> RecordedStep:
+    def record(self, embeds: torch.Tensor, slots: int, new_kind: bool) -> RecordedStep:
         """Record the step for this shape. A shape of a kind not recorded before (`compile_kind`) is run once
         first, outside the graph: compiled blocks compile their variant for it then, which they cannot while
         recording. Other shapes are recorded straight away: a run outside the pool, beside the pool that holds the
@@ -133,7 +137,7 @@ class AnswerLossGraphs:
         with torch.cuda.stream(self.stream):
             self.hold_leaf_nodes(buffers["embeds"])
         with uncached_autocast():
-            if compile_kind(embeds) not in {compile_kind(step.embeds) for step in self.recorded.values()}:
+            if new_kind:
                 self.warm_up(buffers)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the data loader's pin-memory thread may query CUDA events meanwhile
@@ -160,18 +164,21 @@ class AnswerLossGraphs:
 
     def loss_and_gradients(self, embeds: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
                            targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """What a graph records: the summed loss at the answer slots and its gradients (None: an input the loss
-        does not reach)."""
+        """What a graph records: the summed loss at the answer slots and, with gradients enabled, its gradients
+        (None: an input the loss does not reach)."""
         hidden = self.language_model(inputs_embeds=embeds, attention_mask=self.masks).last_hidden_state
         total = self.summed_loss(hidden[rows, columns], targets, self.lm_head)
+        if not torch.is_grad_enabled():
+            return total, []
         gradients = torch.autograd.grad(total, self.gradient_inputs(embeds), allow_unused=True)
         return total.detach(), list(gradients)
 
 
-def compile_kind(embeds: torch.Tensor) -> tuple[bool, bool, bool]:
+def compile_kind(embeds: torch.Tensor) -> tuple[bool, bool, bool, bool]:
     """What a compiled block specialises on beyond the sizes it takes as symbols: a batch of one sample, a length
-    that is a multiple of 8 or not (memory alignment), and whether its input needs gradients."""
-    return embeds.shape[0] == 1, embeds.shape[1] % 8 == 0, embeds.requires_grad
+    that is a multiple of 8 or not (memory alignment), whether its input needs gradients, and whether gradients
+    are on (training) or off (evaluation, where the blocks also run in evaluation mode)."""
+    return embeds.shape[0] == 1, embeds.shape[1] % 8 == 0, embeds.requires_grad, torch.is_grad_enabled()
 
 
 def uncached_autocast():
