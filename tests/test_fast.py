@@ -458,7 +458,7 @@ def test_the_log_line_names_every_switch_that_is_on():
     everything = describe(FastConfig(logit_chunk_tokens=8, vision_cache_mib=4, compile=True, cuda_graphs=True))
     for words in ("label positions only, 8 positions a chunk", "without autograd", "cache of 4 MiB", "compiled",
                   "answer loss and backward as CUDA graphs", "without cuDNN", "without the padding mask",
-                  "lengths padded to multiples of 8"):
+                  "lengths padded to multiples of 8", "checkpoints written in the background"):
         assert words in everything
     assert "lengths padded" not in describe(FastConfig())  # uncompiled: nothing is padded
 

@@ -480,6 +480,8 @@ def describe(cfg: FastConfig) -> str:
         parts.append("transformer blocks compiled")
     if cfg.cuda_graphs:
         parts.append("language model, answer loss and backward as CUDA graphs")
+    if cfg.background_saves:
+        parts.append("checkpoints written in the background")
     if cfg.sdpa_without_cudnn:
         parts.append("attention without cuDNN's kernels")
     if cfg.skip_lora_input_cast:

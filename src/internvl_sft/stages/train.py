@@ -23,10 +23,11 @@ from pathlib import Path
 import psutil
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from internvl_sft.checkpoint_writer import BackgroundWriter, finish_checkpoint, host_copies, is_being_written, mark_writing
 from internvl_sft.config import Params, TrainConfig, exit_on_config_error, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate, loader_options, pins_memory
 from internvl_sft.fast import FastForward, describe, install_fast_path
@@ -195,11 +196,13 @@ class InternVLTrainer(Trainer):
     `internvl_sft.fast.FastForward`, so the Trainer's loss scaling and DDP / DeepSpeed wrapping stay as they are.
     """
 
-    def __init__(self, *args, group_by_length: bool = False, **kwargs):
+    def __init__(self, *args, group_by_length: bool = False, background_saves: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
         self.phases = PhaseClock()
         self.parameter_count: int | None = None
+        self.writer = BackgroundWriter() if background_saves and not self.is_deepspeed_enabled else None
+        self.writing_checkpoint = False
 
     def get_train_dataloader(self):
         return self.worker_seeds_apart(super().get_train_dataloader())
@@ -222,13 +225,47 @@ class InternVLTrainer(Trainer):
         with self.phases.timed("eval"):
             return super().evaluate(*args, **kwargs)
 
-    def _save_checkpoint(self, *args, **kwargs):
+    def _save_checkpoint(self, model, trial):
         with self.phases.timed("save"):
-            return super()._save_checkpoint(*args, **kwargs)
+            if self.writer is None or not self.args.should_save:
+                return super()._save_checkpoint(model, trial)
+            self.save_checkpoint_in_background(model, trial)
+
+    def save_checkpoint_in_background(self, model, trial) -> None:
+        """The Trainer's checkpoint save, its adapter and optimizer files written by the background thread
+        (`internvl_sft.checkpoint_writer`), older checkpoints deleted only once they are."""
+        self.writer.wait()  # one checkpoint in flight at a time
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        mark_writing(folder)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit, self.writing_checkpoint = None, True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit, self.writing_checkpoint = limit, False
+        self.writer.submit(finish_checkpoint, folder, limit, self.state.best_model_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.writing_checkpoint:
+            return super()._save(output_dir, state_dict)
+        trained = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.writer.submit(super()._save, output_dir, host_copies(trained if state_dict is None else state_dict))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.writing_checkpoint:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        self.writer.submit(torch.save, host_copies(self.optimizer.state_dict()), os.path.join(output_dir, OPTIMIZER_NAME))
+        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_best_model(self, *args, **kwargs):
         with self.phases.timed("load_best"):
+            self.finish_writes()
             return super()._load_best_model(*args, **kwargs)
+
+    def finish_writes(self) -> None:
+        """Wait until the background thread has written every checkpoint submitted so far."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def floating_point_ops(self, inputs: dict) -> int:
         """transformers' estimate, 6 x input tokens x parameters besides the embeddings, with the parameters counted
@@ -413,7 +450,10 @@ def checkpoint_to_resume(checkpoint_dir: Path, fingerprint: str) -> str | None:
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint whose state file parses was fully written."""
+    """The Trainer writes trainer_state.json last: a checkpoint whose state file parses was fully written, unless
+    the background thread was still writing its other files (`train.fast.background_saves`)."""
+    if is_being_written(folder):
+        return False
     try:
         state = json.loads((folder / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -518,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
             *stop,
         ],
         group_by_length=params.train.group_by_length,
+        background_saves=params.train.fast.background_saves,
     )
     trainer.phases.add("imports", imports_s)
     trainer.add_callback(SetupClock(trainer.phases, started))
@@ -527,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare_resume(trainer, Path(last), world_size(), params.train.deepspeed)
         print(f"resuming from {last}", flush=True)
     result = trainer.train(resume_from_checkpoint=last)
+    trainer.finish_writes()
     summary = run_summary(result.metrics, trainer, fast, timer, clock)
     print(json.dumps(summary), flush=True)
     save_adapter(trainer, params, args, summary)
