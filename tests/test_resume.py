@@ -91,7 +91,7 @@ def project(tmp_path_factory):
 def reference(project, tmp_path_factory):
     """An uninterrupted run of the project's 3 epochs."""
     run = tmp_path_factory.mktemp("reference")
-    train(project, run)
+    (run / "train.log").write_text(train(project, run), encoding="utf-8")
     return run
 
 
@@ -124,6 +124,31 @@ def test_a_run_stopped_after_an_epoch_follows_the_whole_schedule_and_resumes_to_
     assert "resuming from" in log
     assert_same_adapter(sliced, reference)
     assert eval_losses(sliced) == eval_losses(reference)
+
+
+def logged_history(run: Path) -> list[dict]:
+    """The log history of the run's newest checkpoint, without wall-clock values."""
+    newest = max((run / "checkpoints").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    history = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    return [{key: value for key, value in entry.items() if "runtime" not in key and "per_second" not in key}
+            for entry in history]
+
+
+def test_the_trainers_own_logging_and_saving_train_the_same_run(project, reference, tmp_path):
+    """`deferred_logs` and `background_saves` (on in the reference) change when values are read and files are
+    written, not what: the Trainer's own logging and saving give the same curves, log history and adapter."""
+    params = yaml.safe_load(project.params.read_text(encoding="utf-8"))
+    params["train"]["fast"].update(deferred_logs=False, background_saves=False)
+    own_params = tmp_path / "params_own.yaml"
+    own_params.write_text(yaml.safe_dump(params), encoding="utf-8")
+    own = tmp_path / "own"
+    log = train(project, own, own_params)
+    assert "read at the next step" not in log and "read at the next step" in (reference / "train.log").read_text()
+    for curve in ("train.csv", "eval.csv"):
+        assert (own / "curves" / curve).read_text() == (reference / "curves" / curve).read_text()
+    history = logged_history(own)
+    assert sum("grad_norm" in entry for entry in history) > 3 and logged_history(reference) == history
+    assert_same_adapter(own, reference)
 
 
 def write_checkpoint(folder: Path, state: str | None) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import Trainer
 
+from internvl_sft.deferred_logs import PendingLog
 from internvl_sft.model.load import load_model
 from internvl_sft.stages import train
 
@@ -55,6 +56,27 @@ def test_no_timed_step_gives_no_throughput(clock):
     end_step(timer, clock, 2, 1.0)
     assert timer.samples_per_second(global_batch=16) is None
     assert timer.median_samples_per_second(global_batch=16) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_times_and_deferred_logs_make_the_host_wait_for_nothing():
+    """On a GPU the step timer marks a step's end and a step's log is queued without a synchronisation (CUDA's
+    sync debug mode raises on any); both read their values later."""
+    timer = train.StepTimer(warmup_steps=0)
+    loss, grad_norm = torch.full((), 3.0, device="cuda"), torch.full((), 0.5, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2):
+            torch.cuda._sleep(1_000_000)
+            timer.on_step_end(None, SimpleNamespace(global_step=step), None)
+        pending = PendingLog.queued(2, 0.5, 1, loss, grad_norm, 1e-3)
+        loss -= loss  # the Trainer resets its running loss right after
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert timer.steps == 1 and timer.seconds > 0
+    assert pending.logs() == (3.0, {"loss": 3.0, "grad_norm": 0.5, "learning_rate": 1e-3})
 
 
 def test_compiled_blocks_and_zero3_are_refused_together():

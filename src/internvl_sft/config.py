@@ -120,6 +120,7 @@ class FastConfig:
     skip_lora_input_cast: bool = True
     vision_kernels: bool = True
     background_saves: bool = True
+    deferred_logs: bool = True
 
     def __post_init__(self):
         least = {"logit_chunk_tokens": 0, "vision_cache_mib": 0, "pad_to_multiple_of": 1}
@@ -130,7 +131,7 @@ class FastConfig:
 
 STOCK_FAST = FastConfig(  # every switch off: transformers' forward, attention kernels as PyTorch picks them
     answer_logits_only=False, frozen_vision_no_grad=False, sdpa_without_cudnn=False, drop_padding_mask=False,
-    skip_lora_input_cast=False, vision_kernels=False, background_saves=False,
+    skip_lora_input_cast=False, vision_kernels=False, background_saves=False, deferred_logs=False,
 )
 
 

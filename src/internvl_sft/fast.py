@@ -482,6 +482,8 @@ def describe(cfg: FastConfig) -> str:
         parts.append("language model, answer loss and backward as CUDA graphs")
     if cfg.background_saves:
         parts.append("checkpoints written in the background")
+    if cfg.deferred_logs:
+        parts.append("each step's loss and gradient norm read at the next step")
     if cfg.sdpa_without_cudnn:
         parts.append("attention without cuDNN's kernels")
     if cfg.skip_lora_input_cast:

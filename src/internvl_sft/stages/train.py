@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from internvl_sft.checkpoint_writer import BackgroundWriter, finish_checkpoint, host_copies, is_being_written, mark_writing
 from internvl_sft.config import Params, TrainConfig, exit_on_config_error, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate, loader_options, pins_memory
+from internvl_sft.deferred_logs import PendingLog
 from internvl_sft.fast import FastForward, describe, install_fast_path
 from internvl_sft.model.load import (
     load_model,
@@ -196,13 +197,16 @@ class InternVLTrainer(Trainer):
     `internvl_sft.fast.FastForward`, so the Trainer's loss scaling and DDP / DeepSpeed wrapping stay as they are.
     """
 
-    def __init__(self, *args, group_by_length: bool = False, background_saves: bool = False, **kwargs):
+    def __init__(self, *args, group_by_length: bool = False, background_saves: bool = False,
+                 deferred_logs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
         self.phases = PhaseClock()
         self.parameter_count: int | None = None
         self.writer = BackgroundWriter() if background_saves and not self.is_deepspeed_enabled else None
         self.writing_checkpoint = False
+        self.deferred_logs = deferred_logs
+        self.pending_log: PendingLog | None = None
 
     def get_train_dataloader(self):
         return self.worker_seeds_apart(super().get_train_dataloader())
@@ -256,6 +260,42 @@ class InternVLTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         self.writer.submit(torch.save, host_copies(self.optimizer.state_dict()), os.path.join(output_dir, OPTIMIZER_NAME))
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, learning_rate=None, **kwargs):
+        if self.deferred_logs:
+            self.defer_step_log(tr_loss, grad_norm, learning_rate)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, learning_rate=learning_rate, **kwargs)
+
+    def defer_step_log(self, tr_loss: torch.Tensor, grad_norm, learning_rate: float | None) -> None:
+        """Log the previous step, queue this step's log (`internvl_sft.deferred_logs`) and leave the Trainer
+        nothing to log; before an evaluation, a save or the end of training this step is logged at once."""
+        due = self.control.should_log and self.state.global_step > self._globalstep_last_logged
+        self.publish_pending_log()
+        if due:
+            rate = self._get_learning_rate() if learning_rate is None else learning_rate
+            steps = self.state.global_step - self._globalstep_last_logged
+            self.pending_log = PendingLog.queued(self.state.global_step, self.state.epoch, steps, tr_loss, grad_norm,
+                                                 rate)
+            tr_loss -= tr_loss
+            self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
+        if self.control.should_evaluate or self.control.should_save or self.control.should_training_stop:
+            self.publish_pending_log()
+        self.control.should_log = False
+
+    def publish_pending_log(self) -> None:
+        """Log the queued step's values as the Trainer would have at that step."""
+        if self.pending_log is None:
+            return
+        record, self.pending_log = self.pending_log, None
+        total, logs = record.logs()
+        self._total_loss_scalar += total
+        now = self.state.global_step, self.state.epoch
+        self.state.global_step, self.state.epoch = record.step, record.epoch
+        try:
+            self.log(logs)
+        finally:
+            self.state.global_step, self.state.epoch = now
 
     def _load_best_model(self, *args, **kwargs):
         with self.phases.timed("load_best"):
@@ -334,20 +374,25 @@ class StepTimer(TrainerCallback):
     """Wall time of training alone: from the end of one optimizer step to the end of the next (data loading,
     forward, backward, update, logging), leaving out the intervals that held an evaluation or a checkpoint save
     and the first `warmup_steps` of a run (allocator and kernel warm-up). The throughput to compare across
-    process counts; its median-step form also leaves out single slow steps (compiling a block's new variant)."""
+    process counts; its median-step form also leaves out single slow steps (compiling a block's new variant).
+    On a GPU a step ends where its queued work ends, on the GPU's clock (`time_mark`): timing makes the host wait
+    for nothing."""
 
     def __init__(self, warmup_steps: int = 2):
         self.warmup_steps = warmup_steps
-        self.last: float | None = None
+        self.last: float | torch.cuda.Event | None = None
         self.interrupted = False
-        self.durations: list[float] = []
+        self.intervals: list[tuple[float | torch.cuda.Event, float | torch.cuda.Event]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        synchronize()
-        now = time.perf_counter()
+        now = time_mark()
         if self.last is not None and not self.interrupted and state.global_step > self.warmup_steps:
-            self.durations.append(now - self.last)
+            self.intervals.append((self.last, now))
         self.last, self.interrupted = now, False
+
+    @property
+    def durations(self) -> list[float]:
+        return [seconds_between(start, end) for start, end in self.intervals]
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.interrupted = True
@@ -357,7 +402,7 @@ class StepTimer(TrainerCallback):
 
     @property
     def steps(self) -> int:
-        return len(self.durations)
+        return len(self.intervals)
 
     @property
     def seconds(self) -> float:
@@ -398,6 +443,22 @@ class StopAfterEpochs(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if state.epoch is not None and round(state.epoch) >= self.epochs:
             control.should_training_stop = True
+
+
+def time_mark() -> float | torch.cuda.Event:
+    """Now, without waiting: on a GPU an event queued behind the work queued so far, else the host's clock."""
+    if not torch.cuda.is_available():
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
 
 
 def synchronize() -> None:
@@ -559,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         group_by_length=params.train.group_by_length,
         background_saves=params.train.fast.background_saves,
+        deferred_logs=params.train.fast.deferred_logs and world_size() == 1,  # several: losses averaged at once
     )
     trainer.phases.add("imports", imports_s)
     trainer.add_callback(SetupClock(trainer.phases, started))
