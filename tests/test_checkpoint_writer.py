@@ -61,7 +61,7 @@ def test_a_background_save_writes_the_files_of_the_trainers_own(tiny_native, ran
         folders[background] = tmp_path / str(background) / "checkpoint-1"
     own, background = folders[False], folders[True]
     assert {path.name for path in background.iterdir()} == {path.name for path in own.iterdir()} >= SAVED_FILES
-    expected, written = load_file(own / "adapter_model.safetensors"), load_file(background / "adapter_model.safetensors")
+    expected, written = (load_file(folder / "adapter_model.safetensors") for folder in (own, background))
     assert expected.keys() == written.keys() and any("multi_modal_projector" in key for key in written)
     assert all(torch.equal(expected[key], written[key]) for key in expected)
     expected, written = (torch.load(folder / "optimizer.pt", weights_only=True) for folder in (own, background))

@@ -13,12 +13,14 @@ then deletes older checkpoints. A process killed meanwhile leaves the marker, so
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 WRITING_MARKER = "writing.partial"  # present while the background thread still writes the folder's files
 
@@ -77,3 +79,44 @@ class BackgroundWriter:
     def wait(self) -> None:
         while self.pending:
             self.pending.pop(0).result()
+
+
+class SavesInBackground:
+    """Trainer mixin: with a `writer`, a checkpoint's adapter and optimizer files are written by it from host
+    copies, the rest (scheduler, RNG state, trainer state) by the Trainer as usual; older checkpoints are deleted
+    once the new one is complete. Without one (or under DeepSpeed, which saves its own way), the Trainer's save."""
+
+    writer: BackgroundWriter | None = None
+    writing_checkpoint = False
+
+    def _save_checkpoint(self, model, trial):
+        if self.writer is None or not self.args.should_save:
+            return super()._save_checkpoint(model, trial)
+        self.writer.wait()  # one checkpoint in flight at a time
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        mark_writing(folder)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit, self.writing_checkpoint = None, True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit, self.writing_checkpoint = limit, False
+        self.writer.submit(finish_checkpoint, folder, limit, self.state.best_model_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.writing_checkpoint:
+            return super()._save(output_dir, state_dict)
+        trained = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.writer.submit(super()._save, output_dir, host_copies(trained if state_dict is None else state_dict))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.writing_checkpoint:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        optimizer = host_copies(self.optimizer.state_dict())
+        self.writer.submit(torch.save, optimizer, os.path.join(output_dir, OPTIMIZER_NAME))
+        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def finish_writes(self) -> None:
+        """Wait until the writer has written every checkpoint submitted so far."""
+        if self.writer is not None:
+            self.writer.wait()

@@ -53,3 +53,46 @@ class PendingLog:
             logs["grad_norm"] = self.grad_norm.item() if torch.is_tensor(self.grad_norm) else self.grad_norm
         logs["learning_rate"] = self.learning_rate
         return total, logs
+
+
+class LogsOneStepLate:
+    """Trainer mixin: with `deferred_logs`, each step's log is queued as a `PendingLog` and published at the next
+    step (or at once before an evaluation, a save or the end of training), as the Trainer would have logged it."""
+
+    deferred_logs = False
+    pending_log: PendingLog | None = None
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, learning_rate=None, **kwargs):
+        if self.deferred_logs:
+            self.defer_step_log(tr_loss, grad_norm, learning_rate)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, learning_rate=learning_rate, **kwargs)
+
+    def defer_step_log(self, tr_loss: torch.Tensor, grad_norm, learning_rate: float | None) -> None:
+        """Publish the previous step's log, queue this step's, and leave the Trainer nothing to log."""
+        due = self.control.should_log and self.state.global_step > self._globalstep_last_logged
+        self.publish_pending_log()
+        if due:
+            rate = self._get_learning_rate() if learning_rate is None else learning_rate
+            steps = self.state.global_step - self._globalstep_last_logged
+            self.pending_log = PendingLog.queued(self.state.global_step, self.state.epoch, steps, tr_loss, grad_norm,
+                                                 rate)
+            tr_loss -= tr_loss  # the Trainer's reset of its running loss, queued after the copy
+            self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
+        if self.control.should_evaluate or self.control.should_save or self.control.should_training_stop:
+            self.publish_pending_log()
+        self.control.should_log = False
+
+    def publish_pending_log(self) -> None:
+        """Log the queued step's values as the Trainer would have at that step (its step and epoch)."""
+        if self.pending_log is None:
+            return
+        record, self.pending_log = self.pending_log, None
+        total, logs = record.logs()
+        self._total_loss_scalar += total
+        now = self.state.global_step, self.state.epoch
+        self.state.global_step, self.state.epoch = record.step, record.epoch
+        try:
+            self.log(logs)
+        finally:
+            self.state.global_step, self.state.epoch = now

@@ -23,14 +23,14 @@ from pathlib import Path
 import psutil
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from internvl_sft.checkpoint_writer import BackgroundWriter, finish_checkpoint, host_copies, is_being_written, mark_writing
+from internvl_sft.checkpoint_writer import BackgroundWriter, SavesInBackground, is_being_written
 from internvl_sft.config import Params, TrainConfig, exit_on_config_error, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate, loader_options, pins_memory
-from internvl_sft.deferred_logs import PendingLog
+from internvl_sft.deferred_logs import LogsOneStepLate
 from internvl_sft.fast import FastForward, describe, install_fast_path
 from internvl_sft.model.load import (
     load_model,
@@ -190,11 +190,12 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
-class InternVLTrainer(Trainer):
+class InternVLTrainer(LogsOneStepLate, SavesInBackground, Trainer):
     """Trainer whose length grouping reads precomputed sample lengths instead of loading every sample.
 
     Training and evaluation losses both come from the model's forward: with `train.fast` that forward is
     `internvl_sft.fast.FastForward`, so the Trainer's loss scaling and DDP / DeepSpeed wrapping stay as they are.
+    `background_saves` and `deferred_logs` switch on `SavesInBackground` and `LogsOneStepLate`.
     """
 
     def __init__(self, *args, group_by_length: bool = False, background_saves: bool = False,
@@ -204,9 +205,7 @@ class InternVLTrainer(Trainer):
         self.phases = PhaseClock()
         self.parameter_count: int | None = None
         self.writer = BackgroundWriter() if background_saves and not self.is_deepspeed_enabled else None
-        self.writing_checkpoint = False
         self.deferred_logs = deferred_logs
-        self.pending_log: PendingLog | None = None
 
     def get_train_dataloader(self):
         return self.worker_seeds_apart(super().get_train_dataloader())
@@ -229,83 +228,14 @@ class InternVLTrainer(Trainer):
         with self.phases.timed("eval"):
             return super().evaluate(*args, **kwargs)
 
-    def _save_checkpoint(self, model, trial):
+    def _save_checkpoint(self, *args, **kwargs):
         with self.phases.timed("save"):
-            if self.writer is None or not self.args.should_save:
-                return super()._save_checkpoint(model, trial)
-            self.save_checkpoint_in_background(model, trial)
-
-    def save_checkpoint_in_background(self, model, trial) -> None:
-        """The Trainer's checkpoint save, its adapter and optimizer files written by the background thread
-        (`internvl_sft.checkpoint_writer`), older checkpoints deleted only once they are."""
-        self.writer.wait()  # one checkpoint in flight at a time
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        mark_writing(folder)
-        limit = self.args.save_total_limit
-        self.args.save_total_limit, self.writing_checkpoint = None, True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit, self.writing_checkpoint = limit, False
-        self.writer.submit(finish_checkpoint, folder, limit, self.state.best_model_checkpoint)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.writing_checkpoint:
-            return super()._save(output_dir, state_dict)
-        trained = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        self.writer.submit(super()._save, output_dir, host_copies(trained if state_dict is None else state_dict))
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self.writing_checkpoint:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        self.writer.submit(torch.save, host_copies(self.optimizer.state_dict()), os.path.join(output_dir, OPTIMIZER_NAME))
-        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, learning_rate=None, **kwargs):
-        if self.deferred_logs:
-            self.defer_step_log(tr_loss, grad_norm, learning_rate)
-        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, learning_rate=learning_rate, **kwargs)
-
-    def defer_step_log(self, tr_loss: torch.Tensor, grad_norm, learning_rate: float | None) -> None:
-        """Log the previous step, queue this step's log (`internvl_sft.deferred_logs`) and leave the Trainer
-        nothing to log; before an evaluation, a save or the end of training this step is logged at once."""
-        due = self.control.should_log and self.state.global_step > self._globalstep_last_logged
-        self.publish_pending_log()
-        if due:
-            rate = self._get_learning_rate() if learning_rate is None else learning_rate
-            steps = self.state.global_step - self._globalstep_last_logged
-            self.pending_log = PendingLog.queued(self.state.global_step, self.state.epoch, steps, tr_loss, grad_norm,
-                                                 rate)
-            tr_loss -= tr_loss
-            self._globalstep_last_logged = self.state.global_step
-            self.store_flos()
-        if self.control.should_evaluate or self.control.should_save or self.control.should_training_stop:
-            self.publish_pending_log()
-        self.control.should_log = False
-
-    def publish_pending_log(self) -> None:
-        """Log the queued step's values as the Trainer would have at that step."""
-        if self.pending_log is None:
-            return
-        record, self.pending_log = self.pending_log, None
-        total, logs = record.logs()
-        self._total_loss_scalar += total
-        now = self.state.global_step, self.state.epoch
-        self.state.global_step, self.state.epoch = record.step, record.epoch
-        try:
-            self.log(logs)
-        finally:
-            self.state.global_step, self.state.epoch = now
+            return super()._save_checkpoint(*args, **kwargs)
 
     def _load_best_model(self, *args, **kwargs):
         with self.phases.timed("load_best"):
             self.finish_writes()
             return super()._load_best_model(*args, **kwargs)
-
-    def finish_writes(self) -> None:
-        """Wait until the background thread has written every checkpoint submitted so far."""
-        if self.writer is not None:
-            self.writer.wait()
 
     def floating_point_ops(self, inputs: dict) -> int:
         """transformers' estimate, 6 x input tokens x parameters besides the embeddings, with the parameters counted
