@@ -38,6 +38,16 @@ def host_copies(value: Any) -> Any:
     return value
 
 
+def queued_event(timing: bool = False) -> torch.cuda.Event | None:
+    """On a GPU, an event recorded behind the work queued so far (it completes when the GPU gets there); None
+    without one."""
+    if not torch.cuda.is_available():
+        return None
+    event = torch.cuda.Event(enable_timing=timing)
+    event.record()
+    return event
+
+
 def mark_writing(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / WRITING_MARKER).touch()
@@ -64,11 +74,7 @@ class BackgroundWriter:
         self.pending: list[Future] = []
 
     def submit(self, write: Callable[..., Any], *args: Any) -> None:
-        ready = None
-        if torch.cuda.is_available():
-            ready = torch.cuda.Event()
-            ready.record()
-        self.pending.append(self.executor.submit(self.run, ready, write, args))
+        self.pending.append(self.executor.submit(self.run, queued_event(), write, args))
 
     @staticmethod
     def run(ready: torch.cuda.Event | None, write: Callable[..., Any], args: tuple) -> None:

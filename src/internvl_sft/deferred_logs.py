@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from internvl_sft.checkpoint_writer import host_copies
+from internvl_sft.checkpoint_writer import host_copies, queued_event
 
 
 @dataclasses.dataclass
@@ -35,12 +35,7 @@ class PendingLog:
                grad_norm: torch.Tensor | float | None, learning_rate: float) -> PendingLog:
         """Queue host copies of the step's values (`loss` may be reset in place afterwards: the GPU copies it
         first)."""
-        loss, grad_norm = host_copies(loss), host_copies(grad_norm)
-        ready = None
-        if torch.cuda.is_available():
-            ready = torch.cuda.Event()
-            ready.record()
-        return cls(step, epoch, steps, loss, grad_norm, learning_rate, ready)
+        return cls(step, epoch, steps, host_copies(loss), host_copies(grad_norm), learning_rate, queued_event())
 
     def logs(self) -> tuple[float, dict[str, float]]:
         """The summed loss and the logs as the Trainer writes them (loss per step, gradient norm, learning rate),

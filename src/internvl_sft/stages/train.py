@@ -27,7 +27,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from internvl_sft.checkpoint_writer import BackgroundWriter, SavesInBackground, is_being_written
+from internvl_sft.checkpoint_writer import BackgroundWriter, SavesInBackground, is_being_written, queued_event
 from internvl_sft.config import Params, TrainConfig, exit_on_config_error, gradient_accumulation, load_params, to_dict
 from internvl_sft.data.dataset import build_dataset, collate, loader_options, pins_memory
 from internvl_sft.deferred_logs import LogsOneStepLate
@@ -377,11 +377,8 @@ class StopAfterEpochs(TrainerCallback):
 
 def time_mark() -> float | torch.cuda.Event:
     """Now, without waiting: on a GPU an event queued behind the work queued so far, else the host's clock."""
-    if not torch.cuda.is_available():
-        return time.perf_counter()
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
+    event = queued_event(timing=True)
+    return time.perf_counter() if event is None else event
 
 
 def seconds_between(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
