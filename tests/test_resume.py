@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_project import ROOT, tiny_project, train_environment
 
+from internvl_sft.checkpoint_writer import WRITING_MARKER
 from internvl_sft.stages.train import checkpoint_to_resume, is_complete_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -163,6 +164,8 @@ def test_checkpoint_cut_while_saving_is_removed_and_the_previous_one_used(tmp_pa
     write_checkpoint(checkpoints / "checkpoint-2", json.dumps({"global_step": 2}))
     write_checkpoint(checkpoints / "checkpoint-4", '{"global_st')
     write_checkpoint(checkpoints / "checkpoint-6", None)
+    write_checkpoint(checkpoints / "checkpoint-8", json.dumps({"global_step": 8}))
+    (checkpoints / "checkpoint-8" / WRITING_MARKER).touch()  # its files were still being written in the background
     (checkpoints / "run_fingerprint.txt").write_text("abc\n")
     assert checkpoint_to_resume(checkpoints, "abc") == str(checkpoints / "checkpoint-2")
     assert sorted(path.name for path in checkpoints.iterdir()) == ["checkpoint-2", "run_fingerprint.txt"]
