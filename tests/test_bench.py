@@ -1,5 +1,6 @@
 """The training-step benchmark: its batches, its two modes, its accounting and one real run on the CPU."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -49,8 +50,13 @@ def test_reference_is_the_seed_recipe_and_fast_its_fast_path(recipe):
                                    "--cuda-graphs", "on"]), recipe.train)
     assert not off["fast"].grad_checkpoint and off["fast"].fast.logit_chunk_tokens == 64
     assert off["fast"].fast.compile and off["fast"].fast.cuda_graphs
-    with pytest.raises(SystemExit, match="CUDA graphs need --compile on and --fast-grad-checkpoint off"):
+    with pytest.raises(SystemExit, match="CUDA graphs need --compile on, --fast-grad-checkpoint off and"):
         mode_configs(parse_args(["--compile", "on", "--cuda-graphs", "on"]), recipe.train)  # the recipe recomputes
+    full_logits = dataclasses.replace(recipe.train, fast=dataclasses.replace(recipe.train.fast,
+                                                                              answer_logits_only=False))
+    with pytest.raises(SystemExit, match="answer_logits_only: true"):
+        mode_configs(parse_args(["--fast-grad-checkpoint", "off", "--compile", "on", "--cuda-graphs", "on"]),
+                     full_logits)
     assert off["reference"].grad_checkpoint
 
 

@@ -144,8 +144,9 @@ def mode_configs(args: argparse.Namespace, recipe: TrainConfig) -> dict[str, Tra
                  "cuda_graphs": None if args.cuda_graphs is None else args.cuda_graphs == "on"}
     fast = dataclasses.replace(recipe.fast, **{key: value for key, value in overrides.items() if value is not None})
     checkpointing = recipe.grad_checkpoint if args.fast_grad_checkpoint is None else args.fast_grad_checkpoint == "on"
-    if fast.cuda_graphs and (checkpointing or not fast.compile):
-        raise SystemExit("bench: CUDA graphs need --compile on and --fast-grad-checkpoint off")
+    if fast.cuda_graphs and (checkpointing or not fast.compile or not fast.answer_logits_only):
+        raise SystemExit("bench: CUDA graphs need --compile on, --fast-grad-checkpoint off and "
+                         "train.fast.answer_logits_only: true")
     return {
         "reference": dataclasses.replace(recipe, fast=STOCK_FAST),
         "fast": dataclasses.replace(recipe, fast=fast, grad_checkpoint=checkpointing),
