@@ -4,7 +4,8 @@ A checkpoint of the 1B recipe is about 420 MB (the adapters and their optimizer 
 training process took about half a second an epoch, the GPU idle meanwhile. Here the state is copied to the host
 first (for GPU tensors, copies queued on the GPU into page-locked memory: the GPU's own order keeps them ahead of
 the next step's updates), and a thread of this process serialises and writes the copies while training goes on.
-The files are those the Trainer writes itself, byte for byte.
+The files hold what the Trainer's own files hold (the optimizer's tensors saved from host memory, as the Trainer
+loads them anyway: to the CPU first).
 
 A checkpoint folder holds a marker file while its files are being written; the thread deletes it last, and only
 then deletes older checkpoints. A process killed meanwhile leaves the marker, so the folder counts as incomplete
