@@ -134,8 +134,9 @@ class AnswerLossGraphs:
         }
         if self.stream is None:
             self.stream = torch.cuda.Stream(embeds.device)
-        with torch.cuda.stream(self.stream):
-            self.hold_leaf_nodes(buffers["embeds"])
+        if torch.is_grad_enabled():  # an evaluation's graph has no backward
+            with torch.cuda.stream(self.stream):
+                self.hold_leaf_nodes(buffers["embeds"])
         with uncached_autocast():
             if new_kind:
                 self.warm_up(buffers)
@@ -154,7 +155,8 @@ class AnswerLossGraphs:
         default stream into the next recording, which CUDA refuses ("operation would make the legacy stream depend
         on a capturing blocking stream"); kept, every later use finds this one."""
         for leaf in self.gradient_inputs(embeds):
-            self.leaf_edges.setdefault(id(leaf), get_gradient_edge(leaf))
+            if id(leaf) not in self.leaf_edges:
+                self.leaf_edges[id(leaf)] = get_gradient_edge(leaf)
 
     def warm_up(self, buffers: dict[str, torch.Tensor]) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())
