@@ -73,18 +73,19 @@ def test_both_runs_train_the_same_steps_and_agree_without_dropout(tmp_path):
     project = two_step_batch_project(tmp_path / "project", epochs=3)
     out = project.root / "bench"
 
-    def bench(mode: str) -> subprocess.CompletedProcess:
+    def bench(mode: str, *extra: str) -> subprocess.CompletedProcess:
         result = subprocess.run(
             [sys.executable, "-m", "internvl_sft.bench_train", "--dvc-yaml", str(ROOT / "dvc.yaml"),
              "--fast-set", "train.fast.vision_cache_mib=64", "--reference-epochs", "2", "--modes", mode,
-             "--out", str(out)],
+             "--out", str(out), *extra],
             cwd=project.root, env=train_environment(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 
     assert "no fast run" in bench("reference").stdout
     assert not (out / "bench_train.json").exists()
-    result = bench("fast")
+    result = bench("fast", "--profile-steps", "2:1")
+    assert (out / "fast/log/profile/steps_3-3_rank0_host.txt").exists() and not (out / "reference/log/profile").exists()
     report = json.loads((out / "bench_train.json").read_text())
     reference, fast = report["runs"]["reference"], report["runs"]["fast"]
     assert len(fast["train_loss"]) == 3 * len(reference["train_loss"]) // 2 >= 3

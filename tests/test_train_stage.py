@@ -79,6 +79,30 @@ def test_step_times_and_deferred_logs_make_the_host_wait_for_nothing():
     assert pending.logs() == (3.0, {"loss": 3.0, "grad_norm": 0.5, "learning_rate": 1e-3})
 
 
+def test_the_step_profiler_writes_tables_and_a_trace_of_its_window(tmp_path):
+    profiler = train.StepProfiler(after=1, count=2, folder=tmp_path / "profile")
+    for step in (1, 2, 3):
+        if step > 1:
+            torch.ones(64, 64) @ torch.ones(64, 64)
+        profiler.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert profiler.profiler is None
+    written = sorted(path.name for path in (tmp_path / "profile").iterdir())
+    assert written == ["steps_2-3_rank0_device.txt", "steps_2-3_rank0_host.txt", "steps_2-3_rank0_trace.json"]
+    assert "aten::mm" in (tmp_path / "profile" / "steps_2-3_rank0_host.txt").read_text()
+    profiler = train.StepProfiler(after=1, count=5, folder=tmp_path / "cut")
+    profiler.on_step_end(None, SimpleNamespace(global_step=1), None)
+    profiler.on_train_end(None, SimpleNamespace(global_step=2), None)  # the run ended inside the window
+    assert (tmp_path / "cut" / "steps_2-2_rank0_trace.json").exists()
+
+
+@pytest.mark.parametrize("text", ["60", "a:3", "60:0", "-1:2", "60:3:1"])
+def test_a_profile_window_is_two_whole_numbers(text):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--train-meta", "t", "--val-meta", "v", "--model", "m", "--adapter-dir", "a",
+                          "--checkpoint-dir", "c", "--log-dir", "l", "--curves-dir", "k", "--profile-steps", text])
+    assert train.profile_window("60:3") == (60, 3)
+
+
 def test_compiled_blocks_and_zero3_are_refused_together():
     cfg = train.load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
     compiled = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, compile=True))

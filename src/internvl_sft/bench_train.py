@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"a parameter of the fast run, repeatable (default: {' '.join(DEFAULT_FAST_SET)})")
     parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="where the train command is read")
     parser.add_argument("--out", type=Path, default=Path("work_dirs/bench_train"))
+    parser.add_argument("--profile-steps", metavar="AFTER:COUNT",
+                        help="passed to each run's train stage: torch.profiler over COUNT steps after step AFTER, "
+                             "tables and trace in <out>/<mode>/log/profile (those steps run slower)")
     args = parser.parse_args(argv)
     if args.fast_set is None:
         args.fast_set = [parse_assignment(text) for text in DEFAULT_FAST_SET]
@@ -142,9 +145,9 @@ def train_command(dvc_yaml: Path, params_file: Path, run_dir: Path) -> list[str]
 
 
 def train_once(run_dir: Path, params: dict[str, Any], dvc_yaml: Path, label: str,
-               env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Train `params` from scratch into `run_dir` with dvc.yaml's train command (in `env`, default: this
-    process's); its wall time, the train stage's run summary and loss curves."""
+               env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train `params` from scratch into `run_dir` with dvc.yaml's train command and `extra` arguments (in `env`,
+    default: this process's); its wall time, the train stage's run summary and loss curves."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     params_file = run_dir / "params.yaml"
@@ -153,7 +156,7 @@ def train_once(run_dir: Path, params: dict[str, Any], dvc_yaml: Path, label: str
     print(f"training {label} (log: {log})", flush=True)
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as handle:
-        code = subprocess.run(train_command(dvc_yaml, params_file, run_dir), stdout=handle,
+        code = subprocess.run([*train_command(dvc_yaml, params_file, run_dir), *extra], stdout=handle,
                               stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - start
     if code:
@@ -177,7 +180,8 @@ def compile_environment(mode: str, args: argparse.Namespace) -> dict[str, str] |
 
 def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train one mode from scratch (`train_once`), its result also kept in the run's result.json."""
-    result = train_once(args.out / mode, params, args.dvc_yaml, mode, compile_environment(mode, args))
+    extra = ("--profile-steps", args.profile_steps) if args.profile_steps else ()
+    result = train_once(args.out / mode, params, args.dvc_yaml, mode, compile_environment(mode, args), extra)
     result_path(args, mode).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
 

@@ -64,7 +64,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-dir", required=True, help="Trainer checkpoints, kept for resuming")
     parser.add_argument("--log-dir", required=True, help="TensorBoard event files")
     parser.add_argument("--curves-dir", required=True, help="CSV loss / learning-rate curves (DVC plots)")
+    parser.add_argument("--profile-steps", type=profile_window, metavar="AFTER:COUNT",
+                        help="profile COUNT optimizer steps after step AFTER (torch.profiler): operator tables and a "
+                             "Chrome trace in <log-dir>/profile")
     return parser.parse_args(argv)
+
+
+def profile_window(text: str) -> tuple[int, int]:
+    """`AFTER:COUNT` of --profile-steps."""
+    after, _, count = text.partition(":")
+    if not (after.isdigit() and count.isdigit() and int(count) > 0):
+        raise argparse.ArgumentTypeError(f"expected AFTER:COUNT, two whole numbers, COUNT above 0 (e.g. 60:3); "
+                                         f"got {text!r}")
+    return int(after), int(count)
 
 
 def check_combination(cfg: TrainConfig) -> None:
@@ -364,6 +376,44 @@ class EpochClock(TrainerCallback):
         return [round(later - earlier, 3) for earlier, later in zip(bounds, bounds[1:])]
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over `count` optimizer steps after step `after` (evaluations and saves in between included):
+    each process writes its operators sorted by device time (CPU time without a GPU) and by host time, and a Chrome
+    trace (chrome://tracing, Perfetto) into `folder`."""
+
+    def __init__(self, after: int, count: int, folder: Path):
+        self.after, self.count, self.folder = after, count, folder
+        self.profiler: torch.profiler.profile | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.after and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif self.profiler is not None and state.global_step == self.after + self.count:
+            self.write(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:  # the run ended inside the window
+            self.write(state.global_step)
+
+    def write(self, last_step: int) -> None:
+        synchronize()
+        self.profiler.stop()
+        averages = self.profiler.key_averages()
+        device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self.folder / f"steps_{self.after + 1}-{last_step}_rank{os.environ.get('RANK', '0')}"
+        for name, sort in (("device", device_sort), ("host", "cpu_time_total")):
+            table = averages.table(sort_by=sort, row_limit=80, max_name_column_width=90)
+            Path(f"{stem}_{name}.txt").write_text(table + "\n", encoding="utf-8")
+        self.profiler.export_chrome_trace(f"{stem}_trace.json")
+        print(f"profile of steps {self.after + 1}-{last_step} written to {stem}_*", flush=True)
+        self.profiler = None
+
+
 class StopAfterEpochs(TrainerCallback):
     """End training after `epochs` epochs while the learning-rate schedule stays that of the whole run."""
 
@@ -531,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     print(trainable_summary(model), describe(params.train.fast), sep="\n", flush=True)
     timer, clock = StepTimer(), EpochClock()
     stop = [StopAfterEpochs(params.train.stop_after_epochs)] if params.train.stop_after_epochs else []
+    profile = [StepProfiler(*args.profile_steps, Path(args.log_dir) / "profile")] if args.profile_steps else []
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
@@ -544,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
             timer,
             clock,
             *stop,
+            *profile,
         ],
         group_by_length=params.train.group_by_length,
         background_saves=params.train.fast.background_saves,
