@@ -63,6 +63,7 @@ from internvl_sft.model.load import (
 from internvl_sft.paths import write_report
 from internvl_sft.model.tiny import TinySizes, build_tiny_checkpoint
 from internvl_sft.preset import resolve
+from internvl_sft.profiling import operator_table, step_profiler
 from internvl_sft.stages.pretrained import tiny_sizes
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
@@ -390,17 +391,13 @@ def train_step(model, optimizer: ClippedAdamW, batch: dict, *,
 def profile_table(step: Callable[[dict], torch.Tensor], batches: list[dict], device: torch.device,
                   out: Path) -> None:
     """Run `step` on each batch under torch.profiler; write the operators sorted by their own device time."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    on_gpu = device.type == "cuda"
+    with step_profiler(on_gpu) as profiler:
         for batch in batches:
             step(batch)
         synchronize(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=70) + "\n",
-                   encoding="utf-8")
+    out.write_text(operator_table(profiler, "device", on_gpu) + "\n", encoding="utf-8")
     print(f"profile of {len(batches)} step(s) written to {out}", flush=True)
 
 

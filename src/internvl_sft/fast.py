@@ -18,8 +18,8 @@ back-propagated for nothing. `FastForward` replaces the model's forward for call
 - the answer and image positions come with the batch from `collate`, found on the CPU, so the step queues its
   GPU work without once waiting for the GPU (a mask turned into positions on the GPU waits there for every kernel
   queued before it, and the host's next launches wait with it).
-- opt-in, a training step's language model, answer loss and backward run as CUDA graphs recorded per batch shape
-  (`graphs.py`), each replayed with one launch instead of thousands from Python.
+- opt-in, a training step's language model, answer loss and backward (an evaluation batch's forward and loss) run
+  as CUDA graphs recorded per batch shape (`graphs.py`), each replayed with one launch instead of thousands.
 
 It is installed as the forward of the model instance, so the Trainer's loss scaling, DDP's gradient hooks and
 DeepSpeed's engine all see one ordinary forward call: computing the loss from sub-modules in
@@ -466,34 +466,27 @@ class FastForward:
         return self.fingerprints[frozen].current()
 
 
+SWITCH_WORDS: tuple[tuple[str, str | Callable[[FastConfig], str]], ...] = (  # in the order the log line names them
+    ("answer_logits_only", lambda cfg: "LM head and loss at label positions only"
+     + (f", {cfg.logit_chunk_tokens} positions a chunk" if cfg.logit_chunk_tokens else "")),
+    ("frozen_vision_no_grad", "frozen vision stages without autograd"),
+    ("vision_cache_mib", lambda cfg: f"vision feature cache of {cfg.vision_cache_mib} MiB"),
+    ("compile", "transformer blocks compiled"),
+    ("cuda_graphs", "language model, answer loss and backward as CUDA graphs"),
+    ("background_saves", "checkpoints written in the background"),
+    ("deferred_logs", "each step's loss and gradient norm read at the next step"),
+    ("sdpa_without_cudnn", "attention without cuDNN's kernels"),
+    ("skip_lora_input_cast", "adapter inputs not cast to fp32"),
+    ("vision_kernels", "patch embedding as a matrix product, vision attention through cuDNN first"),
+    ("drop_padding_mask", lambda cfg: "causal attention without the padding mask for right-padded batches"
+     + (f", their lengths padded to multiples of {cfg.pad_to_multiple_of}"
+        if cfg.compile and cfg.pad_to_multiple_of > 1 else "")),
+)
+
+
 def describe(cfg: FastConfig) -> str:
     """One line naming every `train.fast` switch that is on, for the training log."""
-    parts = []
-    if cfg.answer_logits_only:
-        chunks = f", {cfg.logit_chunk_tokens} positions a chunk" if cfg.logit_chunk_tokens else ""
-        parts.append(f"LM head and loss at label positions only{chunks}")
-    if cfg.frozen_vision_no_grad:
-        parts.append("frozen vision stages without autograd")
-    if cfg.vision_cache_mib:
-        parts.append(f"vision feature cache of {cfg.vision_cache_mib} MiB")
-    if cfg.compile:
-        parts.append("transformer blocks compiled")
-    if cfg.cuda_graphs:
-        parts.append("language model, answer loss and backward as CUDA graphs")
-    if cfg.background_saves:
-        parts.append("checkpoints written in the background")
-    if cfg.deferred_logs:
-        parts.append("each step's loss and gradient norm read at the next step")
-    if cfg.sdpa_without_cudnn:
-        parts.append("attention without cuDNN's kernels")
-    if cfg.skip_lora_input_cast:
-        parts.append("adapter inputs not cast to fp32")
-    if cfg.vision_kernels:
-        parts.append("patch embedding as a matrix product, vision attention through cuDNN first")
-    if cfg.drop_padding_mask:
-        padded = cfg.compile and cfg.pad_to_multiple_of > 1
-        parts.append("causal attention without the padding mask for right-padded batches"
-                     + (f", their lengths padded to multiples of {cfg.pad_to_multiple_of}" if padded else ""))
+    parts = [words(cfg) if callable(words) else words for switch, words in SWITCH_WORDS if getattr(cfg, switch)]
     return "fast path: " + "; ".join(parts) if parts else "stock training step (every train.fast switch off)"
 
 

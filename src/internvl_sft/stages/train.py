@@ -42,6 +42,7 @@ from internvl_sft.model.load import (
 )
 from internvl_sft.paths import atomic_write_text, publish, staging_dir
 from internvl_sft.process import die_with_launcher
+from internvl_sft.profiling import operator_table, step_profiler
 from internvl_sft.reshard import prepare_resume
 
 DEEPSPEED_CONFIGS = {
@@ -387,10 +388,7 @@ class StepProfiler(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.after and self.profiler is None:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler = step_profiler(torch.cuda.is_available())
             self.profiler.start()
         elif self.profiler is not None and state.global_step == self.after + self.count:
             self.write(state.global_step)
@@ -402,13 +400,11 @@ class StepProfiler(TrainerCallback):
     def write(self, last_step: int) -> None:
         synchronize()
         self.profiler.stop()
-        averages = self.profiler.key_averages()
-        device_sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         self.folder.mkdir(parents=True, exist_ok=True)
         stem = self.folder / f"steps_{self.after + 1}-{last_step}_rank{os.environ.get('RANK', '0')}"
-        for name, sort in (("device", device_sort), ("host", "cpu_time_total")):
-            table = averages.table(sort_by=sort, row_limit=80, max_name_column_width=90)
-            Path(f"{stem}_{name}.txt").write_text(table + "\n", encoding="utf-8")
+        for by in ("device", "host"):
+            table = operator_table(self.profiler, by, torch.cuda.is_available())
+            Path(f"{stem}_{by}.txt").write_text(table + "\n", encoding="utf-8")
         self.profiler.export_chrome_trace(f"{stem}_trace.json")
         print(f"profile of steps {self.after + 1}-{last_step} written to {stem}_*", flush=True)
         self.profiler = None
