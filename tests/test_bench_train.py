@@ -205,3 +205,9 @@ def test_modes_are_checked():
     assert parse_args(["--modes", "fp32"]).modes == ("fp32",)
     with pytest.raises(SystemExit):
         parse_args(["--modes", "fast,quick"])
+
+
+def test_a_profile_window_is_checked_before_any_run():
+    assert parse_args(["--profile-steps", "60:3"]).profile_steps == (60, 3)
+    with pytest.raises(SystemExit):
+        parse_args(["--profile-steps", "60"])

@@ -11,6 +11,7 @@ from transformers import Trainer
 
 from internvl_sft.deferred_logs import PendingLog
 from internvl_sft.model.load import load_model
+from internvl_sft.profiling import profile_window
 from internvl_sft.stages import train
 
 
@@ -100,7 +101,7 @@ def test_a_profile_window_is_two_whole_numbers(text):
     with pytest.raises(SystemExit):
         train.parse_args(["--train-meta", "t", "--val-meta", "v", "--model", "m", "--adapter-dir", "a",
                           "--checkpoint-dir", "c", "--log-dir", "l", "--curves-dir", "k", "--profile-steps", text])
-    assert train.profile_window("60:3") == (60, 3)
+    assert profile_window("60:3") == (60, 3)
 
 
 def test_compiled_blocks_and_zero3_are_refused_together():

@@ -49,6 +49,7 @@ import yaml
 from internvl_sft.config import STOCK_FAST, ConfigError, Params, build
 from internvl_sft.paths import write_report
 from internvl_sft.preset import overlay, params_with, parse_assignment, recipe_overrides, unflatten
+from internvl_sft.profiling import profile_window
 
 MODES = ("reference", "fast")
 FP32_MODE = "fp32"
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"a parameter of the fast run, repeatable (default: {' '.join(DEFAULT_FAST_SET)})")
     parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="where the train command is read")
     parser.add_argument("--out", type=Path, default=Path("work_dirs/bench_train"))
-    parser.add_argument("--profile-steps", metavar="AFTER:COUNT",
+    parser.add_argument("--profile-steps", type=profile_window, metavar="AFTER:COUNT",
                         help="passed to each run's train stage: torch.profiler over COUNT steps after step AFTER, "
                              "tables and trace in <out>/<mode>/log/profile (those steps run slower)")
     args = parser.parse_args(argv)
@@ -180,7 +181,7 @@ def compile_environment(mode: str, args: argparse.Namespace) -> dict[str, str] |
 
 def run_training(mode: str, params: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train one mode from scratch (`train_once`), its result also kept in the run's result.json."""
-    extra = ("--profile-steps", args.profile_steps) if args.profile_steps else ()
+    extra = ("--profile-steps", "{}:{}".format(*args.profile_steps)) if args.profile_steps else ()
     result = train_once(args.out / mode, params, args.dvc_yaml, mode, compile_environment(mode, args), extra)
     result_path(args, mode).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result

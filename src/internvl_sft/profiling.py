@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 TABLE_ROWS = 80
@@ -23,3 +25,12 @@ def operator_table(profiler: torch.profiler.profile, by: str, on_gpu: bool) -> s
     device = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     sort_by = {"device": device, "host": "cpu_time_total"}[by]
     return profiler.key_averages().table(sort_by=sort_by, row_limit=TABLE_ROWS, max_name_column_width=NAME_WIDTH)
+
+
+def profile_window(text: str) -> tuple[int, int]:
+    """`AFTER:COUNT` of --profile-steps: COUNT optimizer steps after step AFTER."""
+    after, _, count = text.partition(":")
+    if not (after.isdigit() and count.isdigit() and int(count) > 0):
+        raise argparse.ArgumentTypeError(f"expected AFTER:COUNT, two whole numbers, COUNT above 0 (e.g. 60:3); "
+                                         f"got {text!r}")
+    return int(after), int(count)

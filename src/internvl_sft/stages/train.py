@@ -42,7 +42,7 @@ from internvl_sft.model.load import (
 )
 from internvl_sft.paths import atomic_write_text, publish, staging_dir
 from internvl_sft.process import die_with_launcher
-from internvl_sft.profiling import operator_table, step_profiler
+from internvl_sft.profiling import operator_table, profile_window, step_profiler
 from internvl_sft.reshard import prepare_resume
 
 DEEPSPEED_CONFIGS = {
@@ -69,15 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="profile COUNT optimizer steps after step AFTER (torch.profiler): operator tables and a "
                              "Chrome trace in <log-dir>/profile")
     return parser.parse_args(argv)
-
-
-def profile_window(text: str) -> tuple[int, int]:
-    """`AFTER:COUNT` of --profile-steps."""
-    after, _, count = text.partition(":")
-    if not (after.isdigit() and count.isdigit() and int(count) > 0):
-        raise argparse.ArgumentTypeError(f"expected AFTER:COUNT, two whole numbers, COUNT above 0 (e.g. 60:3); "
-                                         f"got {text!r}")
-    return int(after), int(count)
 
 
 def check_combination(cfg: TrainConfig) -> None:
